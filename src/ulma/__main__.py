@@ -1,0 +1,5 @@
+import sys
+
+from ulma.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""Checkpoints that are complete or absent: written to a temporary folder, then renamed.
+
+Layout of ``OUTPUT/checkpoints/step-000040/``:
+  model/         Hugging Face format (the LoRA adapter, or the full model) + tokenizer
+  trainer.pt     optimizer, scheduler and RNG states
+  state.json     step and results so far (written last: its presence marks a complete checkpoint)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def check_writable(out: Path) -> None:
+    """Fail before training if the output folder cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise OSError(f"output folder {out} is not writable: {e}") from e
+
+
+def _atomic_dir(target: Path):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def atomic_save_model(target: Path, model, tokenizer) -> None:
+    tmp = _atomic_dir(target)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+    target = out / "checkpoints" / f"step-{step:06d}"
+    tmp = _atomic_dir(target)
+    try:
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                   tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _prune(out / "checkpoints", keep)
+    return target
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    if not folder.exists():
+        return []
+    found = [p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = complete_checkpoints(out / "checkpoints")
+    return found[-1] if found else None
+
+
+def _prune(folder: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in complete_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG in place; returns state.json."""
+    load_weights(model, path / "model")
+    trainer = torch.load(path / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    set_rng_state(trainer["rng"])
+    return json.loads((path / "state.json").read_text())
+
+
+def load_weights(model, folder: Path) -> None:
+    """Load a saved adapter (peft) or full model into an existing model, exactly."""
+    from safetensors.torch import load_file
+
+    from ulma.models import is_peft
+
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        return
+    missing, unexpected = model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {folder} does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()

@@ -1,0 +1,96 @@
+"""The ``ulma`` command: thin parsing that builds a config and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ulma",
+        description="Align language models with demonstrations and point-wise human feedback "
+        "(ULMA, point-wise DPO, DPO, SFT, Unlearning, Unlikelihood).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train with a YAML config: ulma train CONFIG.yaml [section.key=value ...]")
+    t.add_argument("config", help="YAML file (see configs/)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 method.beta=0.2")
+
+    d = sub.add_parser("data", help="look at data")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    i = dsub.add_parser("inspect", help="counts, labels, token lengths and truncations of a data source")
+    i.add_argument("source", help="a file (jsonl/json/csv/parquet, .gz ok) or a source name (pyrit, hh, ...)")
+    i.add_argument("--format", help="source adapter to read it with (hh, golden_hh, qa_feedback, red_team, pyrit, ...)")
+    i.add_argument("--option", action="append", default=[], help="adapter option key=value (YAML value), repeatable")
+    i.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad rows: stop (default) or skip")
+    i.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer for token lengths")
+    i.add_argument("--max-length", type=int, default=256)
+    i.add_argument("--no-tokens", action="store_true", help="skip token statistics (no tokenizer needed)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sub.add_parser("methods", help="list the training methods")
+    return p
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"ulma: --option {item!r} must look like key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_train(args) -> int:
+    from ulma.config import load_config
+    from ulma.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    results = train(cfg)
+    print(json.dumps({k: results.get(k) for k in ("before", "after")}, indent=2))
+    print(f"wrote {cfg.train.output_dir}/results.json and the model in {cfg.train.output_dir}/final")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ulma.inspect_data import format_report, inspect_source
+
+    tokenizer = None
+    if not args.no_tokens:
+        from ulma.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    report = inspect_source(args.source, args.format, _options(args.option), args.on_error, tokenizer, args.max_length)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from ulma.methods import METHODS
+
+    for m in METHODS.values():
+        print(f"{m.name:20s} data: {m.kind:13s} reference: {'yes' if m.needs_reference else 'no ':3s}  {m.help}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ulma.config import ConfigError
+    from ulma.data.schema import DataError
+
+    args = _parser().parse_args(argv)
+    handler = {"train": cmd_train, "data": cmd_inspect, "methods": cmd_methods}[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"ulma: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

