@@ -30,6 +30,36 @@ def check_writable(out: Path) -> None:
         raise OSError(f"output folder {out} is not writable: {e}") from e
 
 
+RUN_FILES = ("metrics.jsonl", "results.json", "reference_logps.pt", "checkpoints", "final")
+
+
+def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Check the output folder before any work: writable, and not silently mixing runs.
+
+    A folder that holds an earlier run is an error unless ``resume`` (continue it) or
+    ``overwrite`` (delete that run's files first) is set.
+    """
+    check_writable(out)
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if not existing or resume:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"output folder {out} holds an earlier run ({', '.join(existing)}); "
+            "set train.resume=true to continue it or train.overwrite=true to replace it"
+        )
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _atomic_dir(target: Path):
     target.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"train": cmd_train, "data": cmd_inspect, "methods": cmd_methods}[args.command]
     try:
         return handler(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"ulma: error: {e}", file=sys.stderr)
         return 2
 

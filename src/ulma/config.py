@@ -88,6 +88,7 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    overwrite: bool = False  # replace an earlier run in output_dir (otherwise that is an error)
     group_by_length: bool = True  # batches of similar length: less padding
     progress: bool = True
     log_every: int = 1

@@ -76,7 +76,7 @@ class Trainer:
         self.method = METHODS[cfg.method.name]
         self.acc = Accelerator(cpu=not torch.cuda.is_available())
         self.out = Path(cfg.train.output_dir)
-        ckpt.check_writable(self.out)
+        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = prepare(cfg, self.tokenizer, self.method)
@@ -223,20 +223,22 @@ class Trainer:
     def _reference_caches(self):
         """Reference log-probs computed once, before any update (and kept on disk for resume)."""
         path = self.out / "reference_logps.pt"
-        if path.exists():
+        if self.cfg.train.resume and path.exists():
             cached = torch.load(path)
             return cached["train"], cached["eval"]
         need_train = self.method.needs_reference and self.cfg.model.reference == "precompute"
         bs, bf16 = self.cfg.train.micro_batch_size, self.bf16
         with self.reference.model() as net:
-            train = precompute_reference(net, self.data.train.table, self.pad_id, bs, bf16) if need_train else None
-            evals = precompute_reference(net, self.data.eval.table, self.pad_id, bs, bf16)
+            show = self.cfg.train.progress and self.acc.is_main_process
+            train = precompute_reference(net, self.data.train.table, self.pad_id, bs, bf16, show) if need_train else None
+            evals = precompute_reference(net, self.data.eval.table, self.pad_id, bs, bf16, show)
         if self.acc.is_main_process:
             ckpt.atomic_torch_save({"train": train, "eval": evals}, path)
         return train, evals
 
     def _evaluate(self, ref_eval: dict, step: int) -> dict:
-        metrics = evaluate(self.model, self.data.eval, ref_eval, self.method, self.cfg, self.pad_id, self.bf16)
+        show = self.cfg.train.progress and self.acc.is_main_process
+        metrics = evaluate(self.model, self.data.eval, ref_eval, self.method, self.cfg, self.pad_id, self.bf16, show)
         self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 
@@ -254,13 +256,21 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def _maybe_resume(self) -> tuple[int, dict]:
-        if not self.cfg.train.resume:
-            return 0, {}
-        found = ckpt.latest_checkpoint(self.out)
+        found = ckpt.latest_checkpoint(self.out) if self.cfg.train.resume else None
         if found is None:
+            self._truncate_metrics(0)
             return 0, {}
         state = ckpt.load_checkpoint(found, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        self._truncate_metrics(state["step"])
         return state["step"], state.get("results", {})
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric rows after ``step``: the resumed run writes them again."""
+        path = self.out / "metrics.jsonl"
+        if not (self.acc.is_main_process and path.exists()):
+            return
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        ckpt.atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def _finish(self, results: dict) -> dict:
         results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps)

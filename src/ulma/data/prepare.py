@@ -23,6 +23,7 @@ class EvalSet:
     units: Units
     pairs: list[tuple[int, int]] = field(default_factory=list)
     positive_rows: list[int] = field(default_factory=list)
+    labelled_rows: list[tuple[int, bool]] = field(default_factory=list)  # (row, is_positive) of point-wise data
 
 
 @dataclass
@@ -96,6 +97,9 @@ def build_eval(examples: list, method, tok: Tokenizer, threshold: float | None) 
     pw = as_kind([e for e in examples if e.kind == "pointwise"], "pointwise")
     for p in pairs + pointwise_to_pairs(pw):
         ev.pairs.append((tok.add(table, p.prompt, p.chosen), tok.add(table, p.prompt, p.rejected)))
+    thr = threshold if threshold is not None else positive_threshold(pw)
+    for e in as_kind(examples, "pointwise") if examples else []:
+        ev.labelled_rows.append((tok.add(table, e.prompt, e.response), e.label >= thr))
     for d in as_kind(examples, "demonstration") if examples else []:
         ev.positive_rows.append(tok.add(table, d.prompt, d.response))
     return ev

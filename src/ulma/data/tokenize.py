@@ -98,10 +98,10 @@ def fit(prompt_ids: list[int], response_ids: list[int], max_length: int, min_pro
     """Join prompt and response within ``max_length``.
 
     The prompt loses tokens from its left; if the response alone leaves less than
-    ``min_prompt`` prompt tokens, the response loses tokens from its right.
-    Returns (ids, n_prompt, prompt_was_cut, response_was_cut).
+    ``min_prompt`` prompt tokens (at most half of ``max_length``), the response loses
+    tokens from its right.  Returns (ids, n_prompt, prompt_was_cut, response_was_cut).
     """
-    room_for_response = max_length - min(min_prompt, len(prompt_ids))
+    room_for_response = max_length - min(min_prompt, len(prompt_ids), max_length // 2)
     cut_r = len(response_ids) > room_for_response
     if cut_r:
         response_ids = response_ids[:room_for_response]

@@ -4,6 +4,8 @@
 - implicit-reward accuracy: on held-out (better, worse) pairs, the share with
   r(better) > r(worse), r = beta * (log pi - log pi_ref) (Eq. 4); ties are reported apart
   (before training every reward is exactly 0, so every pair ties)
+- label accuracy: on held-out point-wise examples, the share whose reward has the sign of
+  their label (r > 0 for positives, r < 0 for negatives)
 - the method's own loss on the held-out units
 """
 
@@ -20,18 +22,21 @@ from ulma.methods import LossInputs
 
 
 @torch.no_grad()
-def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: list[int] | None = None) -> dict:
+def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: list[int] | None = None,
+                desc: str = "log-probs", progress: bool = True) -> dict:
     """Sum and count of response-token log-probs for rows of a table: {"sum": [N], "count": [N]}.
 
     Rows are run longest first in batches of similar length (less padding).
     """
+    from tqdm.auto import tqdm
+
     rows = list(range(len(table))) if rows is None else rows
     total = torch.zeros(len(table), dtype=torch.float32)
     count = torch.zeros(len(table), dtype=torch.long)
     order = sorted(rows, key=lambda r: -len(table.sequences[r].input_ids))
     was_training = model.training
     model.eval()
-    for s in range(0, len(order), batch_size):
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         chunk = order[s : s + batch_size]
         out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16)
         total[chunk] = out["sum"].float().cpu()
@@ -40,9 +45,9 @@ def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: li
     return {"sum": total, "count": count}
 
 
-def precompute_reference(ref_model, table, pad_id: int, batch_size: int, bf16: bool) -> dict:
+def precompute_reference(ref_model, table, pad_id: int, batch_size: int, bf16: bool, progress: bool = True) -> dict:
     """Reference log-probs of every row, computed once (no reference forward in the step)."""
-    return table_logps(ref_model, table, pad_id, batch_size, bf16)
+    return table_logps(ref_model, table, pad_id, batch_size, bf16, desc="reference log-probs", progress=progress)
 
 
 def perplexity(logps: dict, rows: list[int]) -> tuple[float, int]:
@@ -63,10 +68,20 @@ def reward_accuracy(rewards: torch.Tensor, pairs: list[tuple[int, int]]) -> tupl
     return float((better > worse).float().mean()), float((better == worse).float().mean())
 
 
-def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool) -> dict:
+def label_accuracy(rewards: torch.Tensor, labelled: list[tuple[int, bool]]) -> float:
+    """Share of point-wise examples whose reward has the label's sign: r > 0 for positives,
+    r < 0 for negatives (sigma(r) > 1/2 iff z = 1, Eq. 6); r = 0 counts as wrong."""
+    if not labelled:
+        return float("nan")
+    r = rewards[[i for i, _ in labelled]]
+    pos = torch.tensor([p for _, p in labelled])
+    return float(torch.where(pos, r > 0, r < 0).float().mean())
+
+
+def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool, progress: bool = True) -> dict:
     """All held-out metrics of one model against the reference log-probs ``ref``."""
     m = cfg.method
-    pol = table_logps(model, evalset.table, pad_id, cfg.train.micro_batch_size, bf16)
+    pol = table_logps(model, evalset.table, pad_id, cfg.train.micro_batch_size, bf16, desc="evaluate", progress=progress)
     rewards = m.beta * (reduce_logps(pol["sum"], pol["count"], m.logp_reduction)
                         - reduce_logps(ref["sum"], ref["count"], m.logp_reduction))
     ppl, tokens = perplexity(pol, evalset.positive_rows)
@@ -77,6 +92,7 @@ def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool) ->
         "reward_accuracy": acc,
         "reward_ties": ties,
         "pairs": len(evalset.pairs),
+        "label_accuracy": label_accuracy(rewards, evalset.labelled_rows),
     }
     if not method.token_level and len(evalset.units):
         out["loss"] = heldout_loss(pol, ref, evalset.units, method, m)

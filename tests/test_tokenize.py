@@ -1,0 +1,61 @@
+"""Tokenization with the real SmolLM2 tokenizer (ChatML template, EOS = <|im_end|> = 2)."""
+
+import torch
+
+from ulma.data.schema import pair, pointwise, user_prompt
+from ulma.data.tokenize import Tokenizer, build_units, collate, fit
+
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def test_chat_template_and_response_tokens(tokenizer):
+    tok = Tokenizer(tokenizer, max_length=512)
+    prompt = tok.encode_prompt(user_prompt("Hi"))
+    expected_text = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.decode(prompt) == expected_text
+    assert prompt[0] == 1  # <|im_start|>
+    # "Hello world" is [19556, 905] in SmolLM2's vocabulary; EOS (<|im_end|>, id 2) is appended.
+    assert tok.encode_response("Hello world") == [19556, 905, 2]
+
+
+def test_loss_mask_covers_exactly_the_response_and_eos(tokenizer):
+    tok = Tokenizer(tokenizer, max_length=512)
+    units = build_units([pointwise(user_prompt("Hi"), "Hello world", 1, binary=True)], tok)
+    n_prompt = len(tok.encode_prompt(user_prompt("Hi")))
+    batch = collate(units, [0], tokenizer.pad_token_id)
+    ids, mask = batch["input_ids"][0], batch["loss_mask"][0]
+    assert ids[mask].tolist() == [19556, 905, 2]
+    assert mask.nonzero().flatten().tolist() == [n_prompt, n_prompt + 1, n_prompt + 2]
+    assert batch["labels"].tolist() == [1.0] and batch["positive"].tolist() == [True]
+
+
+def test_fit_cuts_prompt_from_the_left_then_response_from_the_right():
+    assert fit([1, 2, 3, 4, 5], [6, 7], 5) == ([3, 4, 5, 6, 7], 3, 1, 0)
+    assert fit([1, 2], [6, 7], 5) == ([1, 2, 6, 7], 2, 0, 0)
+    # the response alone is too long: keep min_prompt=2 prompt tokens, cut the response's end
+    assert fit([1, 2, 3], [6, 7, 8, 9, 10], 5, min_prompt=2) == ([2, 3, 6, 7, 8], 2, 1, 1)
+
+
+def test_truncation_is_counted(tokenizer):
+    tok = Tokenizer(tokenizer, max_length=40)
+    long_prompt = user_prompt("word " * 50)
+    units = build_units([pointwise(long_prompt, "ok", 0, binary=True), pointwise(user_prompt("x"), "ok", 1, binary=True)], tok)
+    assert units.table.prompt_truncated == 1 and units.table.response_truncated == 0
+    seq = units.table.sequences[0]
+    assert len(seq.input_ids) == 40 and seq.input_ids[-2:] == tok.encode_response("ok")[-2:]
+
+
+def test_pairs_are_flattened_chosen_then_rejected_and_padded_right(tokenizer):
+    tok = Tokenizer(tokenizer, max_length=512)
+    p = user_prompt("Hi")
+    units = build_units([pair(p, "Hello world", "No"), pair(p, "Yes", "Hello world")], tok)
+    assert len(units.table) == 3  # "Hello world" after the same prompt is stored once
+    assert units.rows == [(0, 1), (2, 0)]
+    batch = collate(units, [0, 1], tokenizer.pad_token_id)
+    assert batch["rows"].tolist() == [0, 2, 1, 0]
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    width = ids.shape[1]
+    n_no = len(units.table.sequences[1].input_ids)
+    assert attn[2].tolist() == [1] * n_no + [0] * (width - n_no)
+    assert (ids[2, n_no:] == tokenizer.pad_token_id).all()
+    assert torch.equal(batch["labels"], torch.tensor([1.0, 1.0]))

@@ -1,0 +1,124 @@
+"""The training loop end to end on a tiny random Llama with the real SmolLM2 tokenizer."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from ulma.config import load_config
+from ulma.methods import METHODS
+from ulma.train import Trainer, lr_factor, train
+
+
+@pytest.fixture
+def pair_file(tmp_path):
+    rows = []
+    for i in range(8):
+        rows.append({"prompt": f"Tell me about topic {i}.", "chosen": "It is a fine topic to learn about.",
+                     "rejected": "No. Go away, idiot."})
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
+def tiny_cfg(model_dir, data_file, out, *extra):
+    return load_config(None, [
+        f"model.name_or_path={model_dir}", f"data.train.source=jsonl", f"data.train.path={data_file}",
+        "data.eval_fraction=0.25", "data.max_length=64", "train.micro_batch_size=4", "train.grad_accum=2",
+        "train.lr=1e-2", "train.warmup_ratio=0", "train.bf16=false", "train.progress=false", "train.max_steps=4",
+        f"train.output_dir={out}", "model.lora.r=4", "model.lora.dropout=0.0", *extra,
+    ])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 10, 2, 0.0) == 0.5 and lr_factor(1, 10, 2, 0.0) == 1.0
+    assert lr_factor(6, 10, 2, 0.0) == pytest.approx(0.5)  # halfway through the decay: (1 + cos(pi/2)) / 2
+    assert lr_factor(10, 10, 2, 0.1) == pytest.approx(0.1)
+
+
+def test_ulma_training_lowers_loss_and_trains_the_adapter(tiny_model_dir, pointwise_file, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_model_dir, pointwise_file, out, "method.name=ulma", f"data.eval.source=jsonl",
+                   f"data.eval.path={pointwise_file}", "train.max_steps=6")
+    res = train(cfg)
+    assert res["after"]["loss"] < res["before"]["loss"] - 1.0
+    assert res["after"]["perplexity"] < res["before"]["perplexity"]
+    assert res["before"]["label_accuracy"] == 0.0  # policy == reference: every reward is exactly 0
+    assert res["after"]["label_accuracy"] > 0.5
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it moved
+
+
+def test_checkpoint_loads_with_from_pretrained(tiny_model_dir, pointwise_file, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_model_dir, pointwise_file, out, "train.max_steps=1"))
+    model = AutoPeftModelForCausalLM.from_pretrained(out / "final")
+    ids = torch.tensor([[1, 2, 3]])
+    assert model(input_ids=ids).logits.shape == (1, 3, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_takes_a_finite_step(name, tiny_model_dir, pair_file, tmp_path):
+    out = tmp_path / name
+    res = train(tiny_cfg(tiny_model_dir, pair_file, out, f"method.name={name}", "train.max_steps=1"))
+    step = metrics(out)[1]
+    assert step["step"] == 1 and torch.isfinite(torch.tensor(step["loss"])) and not step["skipped"]
+    assert (out / "final").is_dir() and (out / "results.json").exists()
+    assert res["data"]["train_units"] == {"pair": 6, "demonstration": 6, "negative": 6, "positive": 6}.get(
+        "pair" if METHODS[name].kind == "pair" else "demonstration" if METHODS[name].kind == "demonstration"
+        else METHODS[name].select or "all", 12)
+
+
+def test_resume_ends_where_the_uninterrupted_run_does(tiny_model_dir, pointwise_file, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    extra = ["train.save_every=2", "train.max_steps=4", "model.lora.dropout=0.1"]
+    train(tiny_cfg(tiny_model_dir, pointwise_file, a, *extra))
+    train(tiny_cfg(tiny_model_dir, pointwise_file, b, *extra))
+    # interrupt b after step 2: drop what came later, then resume
+    import shutil
+
+    shutil.rmtree(b / "checkpoints" / "step-000004")
+    shutil.rmtree(b / "final")
+    train(tiny_cfg(tiny_model_dir, pointwise_file, b, *extra, "train.resume=true"))
+    wa = load_file(str(a / "final" / "adapter_model.safetensors"))
+    wb = load_file(str(b / "final" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-7), k
+    steps_b = [r["step"] for r in metrics(b) if "loss" in r]
+    assert steps_b == [1, 2, 3, 4]  # the replayed steps replace the interrupted run's rows
+    la = [r["loss"] for r in metrics(a) if "loss" in r]
+    lb = [r["loss"] for r in metrics(b) if "loss" in r]
+    assert la == pytest.approx(lb, rel=1e-6)
+
+
+def test_accumulation_equals_one_big_batch(tiny_model_dir, pointwise_file, tmp_path):
+    """Balanced means are global over the step: 2 x 4 accumulated == 1 x 8."""
+    common = ["method.name=ulma", "train.max_steps=1", "train.group_by_length=false"]
+    t1 = Trainer(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "x", *common, "train.micro_batch_size=4", "train.grad_accum=2"))
+    t2 = Trainer(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "y", *common, "train.micro_batch_size=8", "train.grad_accum=1"))
+    ref1, _ = t1._reference_caches()
+    ref2, _ = t2._reference_caches()
+    s1, s2 = t1.train_step(0, ref1), t2.train_step(0, ref2)
+    assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5)
+    assert s1["grad_norm"] == pytest.approx(s2["grad_norm"], rel=1e-4)
+
+
+def test_full_finetuning_live_reference_equals_precomputed(tiny_model_dir, pointwise_file, tmp_path):
+    common = ["method.name=pointwise_dpo", "model.lora.enabled=false", "train.max_steps=2"]
+    live = train(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "live", *common, "model.reference=live"))
+    pre = train(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "pre", *common, "model.reference=precompute"))
+    ll = [r["loss"] for r in metrics(tmp_path / "live") if "loss" in r]
+    lp = [r["loss"] for r in metrics(tmp_path / "pre") if "loss" in r]
+    assert ll == pytest.approx(lp, rel=1e-5)
+    assert live["after"]["perplexity"] == pytest.approx(pre["after"]["perplexity"], rel=1e-5)
+    assert (tmp_path / "pre" / "final" / "model.safetensors").exists()
