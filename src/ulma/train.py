@@ -197,8 +197,8 @@ class Trainer:
         t = self.cfg.train
         ref_train, ref_eval = self._reference_caches()
         start, results = self._maybe_resume()
-        if start == 0:
-            results["before"] = self._evaluate(ref_eval, 0)
+        if start == 0:  # the reference IS the initial policy: its log-probs are the "before" numbers
+            results["before"] = self._evaluate(ref_eval, 0, policy_logps=ref_eval)
         bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="train",
                    disable=not (t.progress and self.acc.is_main_process), dynamic_ncols=True)
         self.model.train()
@@ -236,9 +236,10 @@ class Trainer:
             ckpt.atomic_torch_save({"train": train, "eval": evals}, path)
         return train, evals
 
-    def _evaluate(self, ref_eval: dict, step: int) -> dict:
+    def _evaluate(self, ref_eval: dict, step: int, policy_logps: dict | None = None) -> dict:
         show = self.cfg.train.progress and self.acc.is_main_process
-        metrics = evaluate(self.model, self.data.eval, ref_eval, self.method, self.cfg, self.pad_id, self.bf16, show)
+        metrics = evaluate(self.model, self.data.eval, ref_eval, self.method, self.cfg, self.pad_id, self.bf16, show,
+                           policy_logps=policy_logps)
         self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 

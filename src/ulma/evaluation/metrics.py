@@ -78,10 +78,15 @@ def label_accuracy(rewards: torch.Tensor, labelled: list[tuple[int, bool]]) -> f
     return float(torch.where(pos, r > 0, r < 0).float().mean())
 
 
-def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool, progress: bool = True) -> dict:
-    """All held-out metrics of one model against the reference log-probs ``ref``."""
+def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool, progress: bool = True,
+             policy_logps: dict | None = None) -> dict:
+    """All held-out metrics of one model against the reference log-probs ``ref``
+    (``policy_logps``, when given, are the model's log-probs already computed)."""
     m = cfg.method
-    pol = table_logps(model, evalset.table, pad_id, cfg.train.micro_batch_size, bf16, desc="evaluate", progress=progress)
+    pol = policy_logps
+    if pol is None:
+        pol = table_logps(model, evalset.table, pad_id, cfg.train.micro_batch_size, bf16, desc="evaluate",
+                          progress=progress)
     rewards = m.beta * (reduce_logps(pol["sum"], pol["count"], m.logp_reduction)
                         - reduce_logps(ref["sum"], ref["count"], m.logp_reduction))
     ppl, tokens = perplexity(pol, evalset.positive_rows)
