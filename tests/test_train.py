@@ -122,3 +122,13 @@ def test_full_finetuning_live_reference_equals_precomputed(tiny_model_dir, point
     assert ll == pytest.approx(lp, rel=1e-5)
     assert live["after"]["perplexity"] == pytest.approx(pre["after"]["perplexity"], rel=1e-5)
     assert (tmp_path / "pre" / "final" / "model.safetensors").exists()
+
+
+def test_bf16_autocast_step_is_close_to_fp32(tiny_model_dir, pointwise_file, tmp_path):
+    """bf16 autocast (fp32 master weights) gives the fp32 loss to bf16 precision."""
+    common = ["method.name=ulma", "train.max_steps=1"]
+    train(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "fp32", *common, "train.bf16=false"))
+    train(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "bf16", *common, "train.bf16=true"))
+    l32 = metrics(tmp_path / "fp32")[1]["loss"]
+    l16 = metrics(tmp_path / "bf16")[1]["loss"]
+    assert l16 != l32 and l16 == pytest.approx(l32, rel=2e-2)
