@@ -34,7 +34,23 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("methods", help="list the training methods")
+    for module in _plugin_modules():
+        module.register(sub)
     return p
+
+
+# Sub-commands that live beside their code: each module has register(subparsers), which
+# adds its parsers with set_defaults(handler=fn); fn(args) -> exit code.
+PLUGINS = ("ulma.evaluation.cli", "ulma.rlhf.cli")
+
+
+def _plugin_modules():
+    import importlib
+    import importlib.util
+
+    for name in PLUGINS:
+        if importlib.util.find_spec(name.rsplit(".", 1)[0]) and importlib.util.find_spec(name):
+            yield importlib.import_module(name)
 
 
 def _options(pairs: list[str]) -> dict:
@@ -84,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from ulma.data.schema import DataError
 
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "data": cmd_inspect, "methods": cmd_methods}[args.command]
+    handler = getattr(args, "handler", None) or {"train": cmd_train, "data": cmd_inspect, "methods": cmd_methods}[args.command]
     try:
         return handler(args)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
