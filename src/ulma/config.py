@@ -83,6 +83,7 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     max_grad_norm: float = 1.0
+    max_bad_steps: int = 3  # non-finite loss/gradients: skip the step; stop after this many in a row
     bf16: Union[bool, Literal["auto"]] = "auto"  # bf16 autocast, fp32 master weights; auto = where it is fast
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only before and after training
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
@@ -95,11 +96,47 @@ class TrainConfig:
 
 
 @dataclass
+class RewardConfig:
+    """``method: reward`` -- a scalar reward model r_phi(x, y) (§3.2)."""
+
+    loss: Literal["auto", "bradley_terry", "bce", "mse"] = "auto"  # auto: pairs -> bradley_terry (Eq. 2),
+    # binary labels -> bce (Eq. 7), scores -> mse (Eq. 9, target method.target_scale * (z - method.target_offset));
+    # bradley_terry on point-wise data trains on the pairs of same-prompt responses with different labels
+    head: Literal["seq_cls"] = "seq_cls"  # AutoModelForSequenceClassification, num_labels=1, score at the last token
+    calibration_bins: int = 10  # equal-width bins of sigma(r) for the expected calibration error (binary labels)
+
+
+@dataclass
+class PPOConfig:
+    """``method: rlhf`` -- PPO on the KL-regularised objective (Eq. 3) with a value head and LoRA."""
+
+    reward_model: Optional[str] = None  # folder saved by `method: reward` (AutoModelForSequenceClassification)
+    reward_max_length: int = 512  # the reward model's token limit; it re-tokenises the text, prompt cut from the left
+    rollout_batch: int = 16  # prompts sampled and scored per PPO step
+    mini_batch_size: int = 8  # rollouts per optimizer update (split into train.micro_batch_size forwards)
+    ppo_epochs: int = 4  # passes over each rollout batch
+    max_new_tokens: int = 64  # response length limit; prompts are cut from the left to data.max_length - this
+    temperature: float = 1.0  # sampling temperature (log-probs are taken under the same temperature)
+    top_p: float = 1.0  # nucleus sampling; 1.0 = sample from the whole distribution
+    beta: Optional[float] = None  # per-token KL penalty to the reference; None = method.beta
+    kl_estimator: Literal["k1", "k3"] = "k1"  # k1 = log pi - log ref; k3 = exp(-k1) - 1 + k1 (>= 0)
+    gamma: float = 1.0  # discount in GAE
+    lam: float = 0.95  # GAE lambda
+    clip_range: float = 0.2  # policy ratio clipped to [1 - clip_range, 1 + clip_range]
+    value_clip: float = 0.2  # a value may move this far from the rollout's value before the loss clips it
+    vf_coef: float = 0.1  # weight of the value loss next to the policy loss
+    whiten_advantages: bool = True  # advantages normalised to mean 0, std 1 over the batch's tokens
+    eval_prompts: int = 32  # held-out prompts sampled and scored before/after training (and at eval_every); 0 = none
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)  # used by method.name: reward
+    ppo: PPOConfig = field(default_factory=PPOConfig)  # used by method.name: rlhf
 
 
 # ------------------------------------------------------------------------- loading
@@ -222,6 +259,37 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
     from ulma.methods import METHODS
+    from ulma.train import TRAINERS
 
-    if cfg.method.name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {cfg.method.name!r}; choose one of {sorted(METHODS)}")
+    if cfg.method.name not in METHODS and cfg.method.name not in TRAINERS:
+        raise ConfigError(
+            f"method.name: unknown method {cfg.method.name!r}; choose one of {sorted(METHODS) + sorted(TRAINERS)}"
+        )
+    _validate_rlhf(cfg)
+
+
+def _validate_rlhf(cfg: Config) -> None:
+    """Checks of the reward and ppo sections (their defaults pass)."""
+    p = cfg.ppo
+    checks = [
+        (cfg.reward.calibration_bins >= 1, "reward.calibration_bins", "must be >= 1"),
+        (p.rollout_batch >= 1, "ppo.rollout_batch", "must be >= 1"),
+        (1 <= p.mini_batch_size <= p.rollout_batch, "ppo.mini_batch_size", "must be in [1, ppo.rollout_batch]"),
+        (p.ppo_epochs >= 1, "ppo.ppo_epochs", "must be >= 1"),
+        (p.max_new_tokens >= 1, "ppo.max_new_tokens", "must be >= 1"),
+        (cfg.data.max_length - p.max_new_tokens >= 8 or cfg.method.name != "rlhf", "ppo.max_new_tokens",
+         f"leaves fewer than 8 prompt tokens of data.max_length={cfg.data.max_length}"),
+        (p.reward_max_length >= 8, "ppo.reward_max_length", "must be >= 8"),
+        (p.temperature > 0, "ppo.temperature", "must be > 0"),
+        (0 < p.top_p <= 1, "ppo.top_p", "must be in (0, 1]"),
+        (p.beta is None or p.beta >= 0, "ppo.beta", "must be >= 0"),
+        (0 <= p.gamma <= 1, "ppo.gamma", "must be in [0, 1]"),
+        (0 <= p.lam <= 1, "ppo.lam", "must be in [0, 1]"),
+        (p.clip_range > 0, "ppo.clip_range", "must be > 0"),
+        (p.value_clip > 0, "ppo.value_clip", "must be > 0"),
+        (p.vf_coef >= 0, "ppo.vf_coef", "must be >= 0"),
+        (p.eval_prompts >= 0, "ppo.eval_prompts", "must be >= 0"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")

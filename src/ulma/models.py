@@ -97,7 +97,8 @@ def load_policy(model_cfg, device: torch.device | None = None):
     return model
 
 
-def add_lora(model, lora_cfg):
+def add_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
+    """LoRA adapters; ``task_type="SEQ_CLS"`` (reward models) also trains the score head."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
@@ -105,7 +106,7 @@ def add_lora(model, lora_cfg):
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=list(lora_cfg.target_modules),
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, cfg)
 

@@ -171,7 +171,15 @@ class Trainer:
             stats["loss"] += loss.item()
             stats["pos_loss_sum"] += losses[inp.positive].sum().item()
             stats["neg_loss_sum"] += losses[~inp.positive].sum().item()
-        return self._apply_update(stats)
+        return self._apply_update(self._sum_over_processes(stats))
+
+    def _sum_over_processes(self, stats: dict) -> dict:
+        """Each process holds its share of the step's sums; the logged numbers are global."""
+        if self.acc.num_processes == 1:
+            return stats
+        keys = ("loss", "pos_loss_sum", "neg_loss_sum")
+        summed = self.acc.reduce(torch.tensor([stats[k] for k in keys], device=self.acc.device), "sum")
+        return {**stats, **{k: float(v) for k, v in zip(keys, summed.tolist())}}
 
     def _apply_update(self, stats: dict) -> dict:
         t = self.cfg.train
@@ -202,13 +210,17 @@ class Trainer:
         bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="train",
                    disable=not (t.progress and self.acc.is_main_process), dynamic_ncols=True)
         self.model.train()
-        bad_in_a_row = 0
+        bad_in_a_row, self.skipped_steps = 0, 0
         for step in bar:
             t0 = time.perf_counter()
             row = self.train_step(step, ref_train)
             bad_in_a_row = bad_in_a_row + 1 if row["skipped"] else 0
-            if bad_in_a_row >= 3:
-                raise NonFiniteLossError(f"step {step + 1}: loss or gradients non-finite 3 steps in a row; stopping")
+            self.skipped_steps += row["skipped"]
+            if bad_in_a_row >= t.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"step {step + 1}: loss or gradients non-finite {bad_in_a_row} steps in a row "
+                    f"(train.max_bad_steps={t.max_bad_steps}); stopping. The last checkpoint is intact."
+                )
             row.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3))
             self._log(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
@@ -250,6 +262,9 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
 
     def _save(self, step: int, results: dict) -> None:
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:  # never write a NaN checkpoint: the last good one stays the newest
+            raise NonFiniteLossError(f"step {step}: non-finite weights in {bad[:3]}; checkpoint not written")
         if self.acc.is_main_process:
             ckpt.save_checkpoint(self.out, step, self.acc.unwrap_model(self.model), self.tokenizer,
                                  self.optimizer, self.scheduler, {"step": step, "results": results},
@@ -274,7 +289,8 @@ class Trainer:
         ckpt.atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def _finish(self, results: dict) -> dict:
-        results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps)
+        results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps,
+                       skipped_steps=getattr(self, "skipped_steps", 0), processes=self.acc.num_processes)
         if self.acc.is_main_process:
             final = self.out / "final"
             ckpt.atomic_save_model(final, self.acc.unwrap_model(self.model), self.tokenizer)
@@ -290,5 +306,16 @@ class _null:
         return False
 
 
+# Methods that are not a loss over log-probs run their own loop: name -> "module:function(cfg)".
+# Imported on use, so `import ulma.train` stays light and free of import cycles.
+TRAINERS = {"reward": "ulma.rlhf.reward:train_reward", "rlhf": "ulma.rlhf.ppo:train_ppo"}
+
+
 def train(cfg: Config) -> dict:
-    return Trainer(cfg).run()
+    entry = TRAINERS.get(cfg.method.name)
+    if entry is None:
+        return Trainer(cfg).run()
+    import importlib
+
+    module, function = entry.split(":")
+    return getattr(importlib.import_module(module), function)(cfg)

@@ -38,8 +38,9 @@ def load_examples(src_cfg, on_error: str):
     return result.examples, result.skipped
 
 
-def prepare(cfg, tokenizer, method) -> PreparedData:
-    """Load, split by prompt, convert to the method's kind, select its part, tokenize."""
+def load_split(cfg) -> tuple[list, list, list]:
+    """Load the sources, split by prompt (unless data.eval is given), subsample:
+    returns (train examples, held-out examples, skipped rows)."""
     train_ex, skipped = load_examples(cfg.data.train, cfg.data.on_error)
     if cfg.data.eval is not None:
         eval_ex, eval_skipped = load_examples(cfg.data.eval, cfg.data.on_error)
@@ -48,6 +49,14 @@ def prepare(cfg, tokenizer, method) -> PreparedData:
         train_ex, eval_ex = split_by_prompt(train_ex, cfg.data.eval_fraction, cfg.train.seed)
     train_ex = subsample(train_ex, cfg.data.train.limit, cfg.train.seed)
     eval_ex = subsample(eval_ex, cfg.data.eval_limit, cfg.train.seed)
+    return train_ex, eval_ex, skipped
+
+
+def prepare(cfg, tokenizer, method, split: tuple | None = None) -> PreparedData:
+    """Load, split by prompt, convert to the method's kind, select its part, tokenize.
+
+    ``split``: the result of :func:`load_split`, when the caller has already loaded it."""
+    train_ex, eval_ex, skipped = split if split is not None else load_split(cfg)
     tok = Tokenizer(tokenizer, cfg.data.max_length)
     thr = cfg.method.positive_threshold
     train = build_units(select(as_kind(train_ex, method.kind), method.select, thr), tok, thr)
