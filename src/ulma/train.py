@@ -151,15 +151,14 @@ class Trainer:
         units = self.data.train
         pos = sum(units.positive[i] for mb in micro for i in mb)
         neg = sum(len(mb) for mb in micro) - pos
-        rank, world = self.acc.process_index, self.acc.num_processes
+        world = self.acc.num_processes
         stats = {"loss": 0.0, "pos_loss_sum": 0.0, "neg_loss_sum": 0.0, "n_pos": pos, "n_neg": neg}
         for k, mb in enumerate(micro):
-            mine = mb[rank * t.micro_batch_size : (rank + 1) * t.micro_batch_size]
-            if not mine:
-                continue
+            mine, share = self._my_share(mb)
             batch = collate(units, mine, self.pad_id, ref)
             inp = self._inputs(batch, ref)
             losses, _ = self.method.loss(inp, m)
+            losses = losses * share
             loss = group_mean(
                 losses, inp.positive, n_pos=pos, n_neg=neg, pos_weight=m.pos_weight, neg_weight=m.neg_weight,
                 balance=m.balance,
@@ -172,6 +171,17 @@ class Trainer:
             stats["pos_loss_sum"] += losses[inp.positive].sum().item()
             stats["neg_loss_sum"] += losses[~inp.positive].sum().item()
         return self._apply_update(self._sum_over_processes(stats))
+
+    def _my_share(self, mb: list[int]) -> tuple[list[int], float]:
+        """This process's slice of a global micro-batch, and 1.0 (or 0.0 for a stand-in).
+
+        Every process must run every backward (DDP all-reduces in it); a process whose
+        slice of a short final micro-batch is empty runs one unit with weight 0.
+        """
+        rank, world = self.acc.process_index, self.acc.num_processes
+        size = math.ceil(len(mb) / world)
+        mine = mb[rank * size : (rank + 1) * size]
+        return (mine, 1.0) if mine else (mb[:1], 0.0)
 
     def _sum_over_processes(self, stats: dict) -> dict:
         """Each process holds its share of the step's sums; the logged numbers are global."""
