@@ -28,8 +28,9 @@ def test_two_processes_match_one(tiny_model_dir, pointwise_file, tmp_path):
     r1 = subprocess.run([sys.executable, "-m", "ulma", *_args(tiny_model_dir, pointwise_file, one, 4)],
                         capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "ulma",
-                         *_args(tiny_model_dir, pointwise_file, two, 2)], capture_output=True, text=True, timeout=300)
+    args2 = _args(tiny_model_dir, pointwise_file, two, 2)
+    r2 = subprocess.run([sys.executable, "-m", "ulma", "train", "--num-processes", "2", *args2[1:]],
+                        capture_output=True, text=True, timeout=300)  # re-launches itself through torchrun
     assert r2.returncode == 0, r2.stderr[-3000:]
     import json
 

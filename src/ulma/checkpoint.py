@@ -76,10 +76,10 @@ def _publish(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def atomic_save_model(target: Path, model, tokenizer) -> None:
+def atomic_save_model(target: Path, model, tokenizer, state_dict: dict | None = None) -> None:
     tmp = _atomic_dir(target)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         _publish(tmp, target)
     finally:
@@ -115,11 +115,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2) -> Path:
+def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2,
+                    state_dict: dict | None = None) -> Path:
     target = out / "checkpoints" / f"step-{step:06d}"
     tmp = _atomic_dir(target)
     try:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp / "model")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    tmp / "trainer.pt")

@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with a YAML config: ulma train CONFIG.yaml [section.key=value ...]")
     t.add_argument("config", help="YAML file (see configs/)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 method.beta=0.2")
+    t.add_argument("--num-processes", type=int, default=1,
+                   help="data-parallel processes on this machine (re-launches through torchrun; "
+                   "for DeepSpeed/FSDP/multi-node use `accelerate launch --config_file configs/accelerate/... -m ulma train`)")
 
     d = sub.add_parser("data", help="look at data")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -64,14 +67,26 @@ def _options(pairs: list[str]) -> dict:
 
 
 def cmd_train(args) -> int:
-    from ulma.config import load_config
+    from ulma.config import load_config, validate
     from ulma.train import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.num_processes > 1:
+        validate(cfg)  # fail here, once, rather than in every process
+        return _relaunch(args)
     results = train(cfg)
     print(json.dumps({k: results.get(k) for k in ("before", "after")}, indent=2))
     print(f"wrote {cfg.train.output_dir}/results.json and the model in {cfg.train.output_dir}/final")
     return 0
+
+
+def _relaunch(args) -> int:
+    """Run `ulma train` in N processes on this machine (gloo on CPU, NCCL on GPUs)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_processes}",
+           "-m", "ulma", "train", args.config, *args.overrides]
+    return subprocess.call(cmd)
 
 
 def cmd_inspect(args) -> int:

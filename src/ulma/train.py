@@ -194,7 +194,11 @@ class Trainer:
     def _apply_update(self, stats: dict) -> dict:
         t = self.cfg.train
         grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
-        finite = math.isfinite(stats["loss"]) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if grad_norm is None:  # DeepSpeed clips inside its engine and may not report the norm
+            grad_norm = float("nan")
+            finite = math.isfinite(stats["loss"])
+        else:
+            finite = math.isfinite(stats["loss"]) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -275,10 +279,11 @@ class Trainer:
         bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
         if bad:  # never write a NaN checkpoint: the last good one stays the newest
             raise NonFiniteLossError(f"step {step}: non-finite weights in {bad[:3]}; checkpoint not written")
+        state_dict = self.acc.get_state_dict(self.model)  # all processes: gathers shards under ZeRO-3/FSDP
         if self.acc.is_main_process:
             ckpt.save_checkpoint(self.out, step, self.acc.unwrap_model(self.model), self.tokenizer,
                                  self.optimizer, self.scheduler, {"step": step, "results": results},
-                                 keep=self.cfg.train.keep_checkpoints)
+                                 keep=self.cfg.train.keep_checkpoints, state_dict=state_dict)
         self.acc.wait_for_everyone()
 
     def _maybe_resume(self) -> tuple[int, dict]:
@@ -301,9 +306,10 @@ class Trainer:
     def _finish(self, results: dict) -> dict:
         results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps,
                        skipped_steps=getattr(self, "skipped_steps", 0), processes=self.acc.num_processes)
+        state_dict = self.acc.get_state_dict(self.model)
         if self.acc.is_main_process:
             final = self.out / "final"
-            ckpt.atomic_save_model(final, self.acc.unwrap_model(self.model), self.tokenizer)
+            ckpt.atomic_save_model(final, self.acc.unwrap_model(self.model), self.tokenizer, state_dict)
             ckpt.atomic_write_json(self.out / "results.json", results)
         return results
 

@@ -73,8 +73,9 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompt_ids: list[list[int]], cfg: GenerateConfig, seed: int | None = None):
-    """Generate for a batch of prompt token ids; returns [(text, finish, new_tokens)],
-    finish = "eos" (a stop token ended it) or "length" (max_new_tokens reached)."""
+    """Generate for a batch of prompt token ids; returns one dict per prompt:
+    {text, finish, tokens}: the decoded response, "eos" (a stop token ended it) or
+    "length" (max_new_tokens reached), and the response's token ids (without the stop token)."""
     from transformers import GenerationConfig
 
     stops = stop_ids(model, tokenizer)
@@ -89,7 +90,8 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], cfg: GenerateC
     results = []
     for row in out[:, ids.shape[1]:].tolist():
         kept, ended = cut_at_stop(row, stops)
-        results.append((tokenizer.decode(kept, skip_special_tokens=True).strip(), "eos" if ended else "length", len(kept)))
+        text = tokenizer.decode(kept, skip_special_tokens=True).strip()
+        results.append({"text": text, "finish": "eos" if ended else "length", "tokens": kept})
     return results
 
 
@@ -116,7 +118,8 @@ class GenerationFiles:
 
 
 def generate_file(model, tokenizer, items: list, path: Path, cfg: GenerateConfig, meta: dict, *,
-                  overwrite: bool = False, progress: bool = True, on_batch: Callable[[int], None] | None = None) -> dict:
+                  overwrite: bool = False, progress: bool = True,
+                  on_batch: Callable[[int], None] | None = None) -> dict:
     """Generate a response for each item (Demonstration: prompt + reference response) into
     ``path``, resuming from what an earlier run with the same settings left.
 
@@ -160,10 +163,10 @@ def _run_batches(model, tokenizer, items, todo, partial, cfg, done, progress, on
             on_batch(len(done))
 
 
-def _row(index: int, demo, out) -> dict:
-    text, finish, n = out
+def _row(index: int, demo, out: dict) -> dict:
     return {"id": row_id(demo.prompt, demo.response), "index": index, "prompt": [dict(t) for t in demo.prompt],
-            "response": text, "reference": demo.response, "origin": demo.origin, "finish": finish, "new_tokens": n}
+            "response": out["text"], "reference": demo.response, "origin": demo.origin, "finish": out["finish"],
+            "new_tokens": len(out["tokens"])}
 
 
 def _check_meta(path: Path, header: dict) -> None:

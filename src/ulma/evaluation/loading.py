@@ -58,7 +58,8 @@ def resolve_model(name: str, base: str | None = None) -> ModelSpec:
         if not path.is_dir():
             found = sorted((run_dir / "checkpoints").glob("step-*/model"))
             hint = f"; evaluate a checkpoint instead, e.g. {found[-1].parent}" if found else ""
-            raise FileNotFoundError(f"run {run_dir} has no final model ({path} is missing: training not finished?){hint}")
+            raise FileNotFoundError(
+                f"run {run_dir} has no final model ({path} is missing: training not finished?){hint}")
     elif (path / "model").is_dir() and (path / "state.json").exists():
         path = path / "model"  # a checkpoint: checkpoints/step-N/model
     return _spec_for_folder(path, base, run_dir, config)

@@ -1,0 +1,431 @@
+"""``method: rlhf`` -- PPO on the KL-regularised objective of Eq. 3.
+
+One step:
+
+1. sample ``ppo.rollout_batch`` prompts (cut from the left to ``data.max_length -
+   ppo.max_new_tokens`` tokens, counted) and generate a response to each from the policy;
+2. score the response *text* with the reward (a :class:`~ulma.rlhf.reward.RewardScorer`
+   on ``ppo.reward_model``, which re-tokenises it, or any Python callable);
+3. with the rollout's policy log-probs, reference log-probs (LoRA: the base with the
+   adapters disabled) and values, build per-token rewards ``-beta * KL_t`` plus the score
+   on the last token, then GAE advantages (whitened) and returns;
+4. ``ppo.ppo_epochs`` passes over the rollouts in mini-batches of ``ppo.mini_batch_size``:
+   clipped policy loss + ``vf_coef`` * clipped value loss, one optimizer update each.
+
+Layout of a rollout: ``input_ids [N, P + R]`` = left-padded prompt (P) + right-padded
+response (R); per-token tensors are ``[N, R]`` over the response positions.  Dropout is
+off throughout (the model stays in eval mode), so the first epoch's ratio is exactly 1.
+
+A reward callable has the signature ``reward(prompts, texts, token_ids) -> Tensor [N]``:
+``prompts`` are chat-turn tuples, ``texts`` the decoded responses (special tokens removed)
+and ``token_ids`` the response token ids before the first EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ulma import checkpoint as ckpt
+from ulma.config import Config, ConfigError, to_dict, validate
+from ulma.data.prepare import load_split
+from ulma.data.tokenize import Tokenizer, fit
+from ulma.logprobs import autocast, token_logps, use_bf16
+from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
+from ulma.rlhf import losses as RL
+from ulma.rlhf.run import MetricsLog, make_optimizer, non_finite, pick_device, set_seed
+from ulma.rlhf.value_head import PolicyWithValueHead, ValueHead, load_value_head
+
+RewardFn = Callable[[list, list, list], torch.Tensor]
+
+
+# ------------------------------------------------------------------ prompts and generation
+
+
+def encode_prompts(tokenizer, prompts: list, limit: int) -> tuple[list[list[int]], list[bool]]:
+    """Chat-template token ids of each prompt, cut from the LEFT to ``limit`` tokens (the
+    latest turns and the generation prompt are kept); returns (ids, was_cut flags)."""
+    enc = Tokenizer(tokenizer, limit)
+    out, cut = [], []
+    for p in prompts:
+        ids, _, was_cut, _ = fit(enc.encode_prompt(p), [], limit)
+        out.append(ids)
+        cut.append(bool(was_cut))
+    return out, cut
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [N, P], attention_mask [N, P])``, padded on the left (for generation)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        attn[i, width - len(s) :] = 1
+    return ids, attn
+
+
+def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """True on the response tokens up to and including the first EOS: ``[N, R]`` bool.
+
+    ``[a, b, EOS, EOS]`` -> ``[T, T, T, F]`` (what follows EOS is padding, even when the
+    pad id is the EOS id, as for SmolLM2).
+    """
+    is_eos = (response == eos_id).long()
+    return (is_eos.cumsum(-1) - is_eos) == 0
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (what ``generate`` uses), ``[N, T]``."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(policy, ids: torch.Tensor, attn: torch.Tensor, ppo_cfg, tokenizer, bf16: bool) -> torch.Tensor:
+    """Sample one response per prompt: ``[N, R]`` token ids (R <= max_new_tokens), EOS-padded."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(
+        do_sample=True, temperature=ppo_cfg.temperature, top_p=ppo_cfg.top_p, top_k=0,
+        max_new_tokens=ppo_cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True,
+    )
+    device = next(policy.parameters()).device
+    with autocast(device, bf16):
+        out = policy.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen)
+    return out[:, ids.shape[1] :].cpu()
+
+
+def policy_forward(model, value_head: Optional[ValueHead], input_ids, attention_mask, mask, temperature: float,
+                   bf16: bool):
+    """Log-probs (and values) of the response tokens of a rollout layout.
+
+    ``input_ids``, ``attention_mask``: ``[N, P + R]``; ``mask``: ``[N, R]`` response tokens.
+    Returns ``(logps [N, R], values [N, R] or None, logits [N, R, V])``.  The logits at
+    position t predict token t + 1, and V(s_t) is read at the same position (the state
+    before the token is chosen).  Logits are divided by the sampling temperature: the
+    log-probs are those of the distribution the tokens were sampled from.
+    """
+    device = next(model.parameters()).device
+    n_resp = mask.shape[1]
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    with autocast(device, bf16):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                    logits_to_keep=n_resp + 1, output_hidden_states=value_head is not None, use_cache=False)
+    logits = out.logits if temperature == 1.0 else out.logits / temperature
+    prompt_part = torch.zeros(mask.shape[0], input_ids.shape[1] - n_resp, dtype=torch.bool)
+    loss_mask = torch.cat([prompt_part, mask.cpu()], dim=1).to(device)
+    logps, _ = token_logps(logits, input_ids, loss_mask)
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, -n_resp - 1 : -1]) * mask.to(device)
+    return logps, values, logits[:, :-1]
+
+
+# ------------------------------------------------------------------ rollouts
+
+
+@dataclass
+class Rollout:
+    """N sampled responses and what PPO needs of them (per-token tensors ``[N, R]``, CPU)."""
+
+    prompts: list
+    input_ids: torch.Tensor  # [N, P + R]
+    attention_mask: torch.Tensor  # [N, P + R]
+    mask: torch.Tensor  # [N, R] bool
+    texts: list
+    token_ids: list
+    logps: Optional[torch.Tensor] = None  # [N, R] under the policy that sampled them
+    ref_logps: Optional[torch.Tensor] = None  # [N, R] under the reference
+    values: Optional[torch.Tensor] = None  # [N, R]
+    entropy: Optional[torch.Tensor] = None  # [N, R]
+    scores: Optional[torch.Tensor] = None  # [N] reward of each response
+    advantages: Optional[torch.Tensor] = None  # [N, R]
+    returns: Optional[torch.Tensor] = None  # [N, R] value targets
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def rows(self, idx) -> tuple:
+        return self.input_ids[idx], self.attention_mask[idx], self.mask[idx]
+
+
+def sample(policy, tokenizer, prompts: list, prompt_ids: list, ppo_cfg, bf16: bool) -> Rollout:
+    """Generate a response to each prompt; decode it for the reward."""
+    ids, attn = left_pad(prompt_ids, tokenizer.pad_token_id)
+    response = generate(policy, ids, attn, ppo_cfg, tokenizer, bf16)
+    mask = response_mask(response, tokenizer.eos_token_id)
+    content = [row[m & (row != tokenizer.eos_token_id)].tolist() for row, m in zip(response, mask)]
+    texts = tokenizer.batch_decode(content, skip_special_tokens=True)
+    full_ids = torch.cat([ids, response], dim=1)
+    full_attn = torch.cat([attn, mask.long()], dim=1)
+    return Rollout(prompts, full_ids, full_attn, mask, texts, content)
+
+
+@torch.no_grad()
+def score_rollout(ro: Rollout, policy, value_head, reference: Reference, reward: RewardFn, ppo_cfg, micro: int,
+                  bf16: bool) -> None:
+    """Fill in the old log-probs, values, entropy, reference log-probs and reward scores."""
+    parts = {"logps": [], "values": [], "entropy": [], "ref": []}
+    for s in range(0, len(ro), micro):
+        ids, attn, mask = ro.rows(slice(s, s + micro))
+        logps, values, logits = policy_forward(policy, value_head, ids, attn, mask, ppo_cfg.temperature, bf16)
+        parts["logps"].append(logps.cpu())
+        parts["values"].append(values.cpu())
+        parts["entropy"].append(RL.entropy_from_logits(logits).cpu() * mask)
+        del logits
+        with reference.model() as ref_net:
+            parts["ref"].append(policy_forward(ref_net, None, ids, attn, mask, ppo_cfg.temperature, bf16)[0].cpu())
+    ro.logps, ro.values = torch.cat(parts["logps"]), torch.cat(parts["values"])
+    ro.entropy, ro.ref_logps = torch.cat(parts["entropy"]), torch.cat(parts["ref"])
+    ro.scores = check_scores(reward(ro.prompts, ro.texts, ro.token_ids), len(ro))
+
+
+def check_scores(scores, n: int) -> torch.Tensor:
+    scores = torch.as_tensor(scores, dtype=torch.float32).detach().cpu().flatten()
+    if scores.shape != (n,):
+        raise ValueError(f"the reward returned {tuple(scores.shape)} scores for {n} responses; expected one each")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"the reward returned non-finite scores: {scores.tolist()}")
+    return scores
+
+
+def advantages(ro: Rollout, ppo_cfg, beta: float) -> None:
+    """Per-token rewards (Eq. 3), GAE advantages and returns; the step's reward/KL numbers."""
+    kl = RL.kl_penalty(ro.logps, ro.ref_logps, ppo_cfg.kl_estimator) * ro.mask
+    rewards = RL.shaped_rewards(ro.scores, kl, ro.mask, beta)
+    adv, ro.returns = RL.gae(rewards, ro.values, ro.mask, ppo_cfg.gamma, ppo_cfg.lam)
+    ro.advantages = RL.masked_whiten(adv, ro.mask) if ppo_cfg.whiten_advantages else adv
+    seq_kl = ((ro.logps - ro.ref_logps) * ro.mask).sum(-1)  # k1 summed over the response: KL(pi || ref) per sequence
+    ro.stats = {
+        "reward": float(ro.scores.mean()),
+        "kl": float(seq_kl.mean()),
+        "non_score_reward": float((-beta * kl).sum(-1).mean()),
+        "reward_total": float(ro.scores.mean() + (-beta * kl).sum(-1).mean()),
+        "entropy": float(RL.masked_mean(ro.entropy, ro.mask)),
+        "response_length": float(ro.mask.sum(-1).float().mean()),
+    }
+
+
+# ------------------------------------------------------------------ the trainer
+
+
+class PPOTrainer:
+    """PPO with LoRA (or full fine-tuning), a value head and a KL penalty to the reference.
+
+    ``reward``: a callable ``(prompts, texts, token_ids) -> Tensor [N]``; None loads a
+    :class:`~ulma.rlhf.reward.RewardScorer` from ``ppo.reward_model``.
+    """
+
+    def __init__(self, cfg: Config, reward: Optional[RewardFn] = None):
+        validate(cfg)
+        if reward is None and not cfg.ppo.reward_model:
+            raise ConfigError("ppo.reward_model: method rlhf needs a reward model folder (train one with method.name=reward)")
+        self.cfg, p = cfg, cfg.ppo
+        self.beta = cfg.method.beta if p.beta is None else p.beta
+        self.device = pick_device()
+        self.out = Path(cfg.train.output_dir)
+        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+        set_seed(cfg.train.seed)
+        self.tokenizer = load_tokenizer(cfg.model.name_or_path)
+        self.bf16 = use_bf16(cfg.train.bf16, self.device)
+        self._prepare_prompts()
+        self.policy = load_policy(cfg.model, self.device).eval()  # eval: no dropout, ratio 1 on the first epoch
+        self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device)
+        self.reference = Reference(self.policy, keep_copy=not is_peft(self.policy))
+        self.reward = reward if reward is not None else self._reward_model()
+        self.total_steps = self._total_steps()
+        updates = self.total_steps * p.ppo_epochs * math.ceil(p.rollout_batch / p.mini_batch_size)
+        self.params = trainable_parameters(self.policy) + list(self.value_head.parameters())
+        self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, updates)
+        self.plan = self._plan()
+        self.log = MetricsLog(self.out)
+
+    def _prepare_prompts(self) -> None:
+        cfg = self.cfg
+        train_ex, eval_ex, skipped = load_split(cfg)
+        self.prompts = list(dict.fromkeys(e.prompt for e in train_ex))
+        self.eval_prompts = list(dict.fromkeys(e.prompt for e in eval_ex))[: cfg.ppo.eval_prompts]
+        if not self.prompts:
+            raise ValueError(f"no training prompts in {cfg.data.train.source} {cfg.data.train.path or ''}".strip())
+        limit = cfg.data.max_length - cfg.ppo.max_new_tokens
+        self.prompt_ids, self.prompt_cut = encode_prompts(self.tokenizer, self.prompts, limit)
+        self.eval_prompt_ids, eval_cut = encode_prompts(self.tokenizer, self.eval_prompts, limit)
+        self.report = {"train_prompts": len(self.prompts), "eval_prompts": len(self.eval_prompts),
+                       "prompt_limit": limit, "prompts_truncated": sum(self.prompt_cut),
+                       "eval_prompts_truncated": sum(eval_cut),
+                       "skipped_rows": len(skipped), "skipped_first": [str(e) for e in skipped[:5]]}
+
+    def _reward_model(self) -> RewardFn:
+        from ulma.rlhf.reward import RewardScorer
+
+        p = self.cfg.ppo
+        return RewardScorer(p.reward_model, self.device, p.reward_max_length, self.cfg.train.micro_batch_size, self.bf16)
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if t.max_steps:
+            return t.max_steps
+        return max(1, math.ceil(t.epochs * len(self.prompts) / self.cfg.ppo.rollout_batch))
+
+    def _plan(self) -> list[list[int]]:
+        from ulma.train import epoch_plan
+
+        plan, epoch = [], 0
+        while len(plan) < self.total_steps:
+            plan += epoch_plan(self.prompts, self.cfg.ppo.rollout_batch, 1, self.cfg.train.seed, epoch, False)
+            epoch += 1
+        return plan[: self.total_steps]
+
+    # ------------------------------------------------------------------ one step
+    def rollout(self, idx: list[int], prompts: list, prompt_ids: list) -> Rollout:
+        ro = sample(self.policy, self.tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
+                    self.cfg.ppo, self.bf16)
+        score_rollout(ro, self.policy, self.value_head, self.reference, self.reward, self.cfg.ppo,
+                      self.cfg.train.micro_batch_size, self.bf16)
+        advantages(ro, self.cfg.ppo, self.beta)
+        return ro
+
+    def train_step(self, step: int) -> dict:
+        idx = self.plan[step]
+        ro = self.rollout(idx, self.prompts, self.prompt_ids)
+        stats = self.update(ro)
+        return {**ro.stats, **stats, "prompts_truncated": sum(self.prompt_cut[i] for i in idx)}
+
+    def update(self, ro: Rollout) -> dict:
+        """``ppo_epochs`` passes over the rollouts, one optimizer update per mini-batch."""
+        p = self.cfg.ppo
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0}
+        tokens, norms, skipped = 0, [], 0
+        for _ in range(p.ppo_epochs):
+            order = torch.randperm(len(ro)).tolist()
+            for s in range(0, len(ro), p.mini_batch_size):
+                mb = order[s : s + p.mini_batch_size]
+                n_tok = int(ro.mask[mb].sum())
+                if n_tok == 0:
+                    continue
+                stats = self._minibatch(ro, mb, n_tok)
+                for k in sums:
+                    sums[k] += stats[k]
+                tokens += n_tok
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+                bad = non_finite(norm, stats["policy_loss"], stats["value_loss"])
+                if not bad:
+                    self.optimizer.step()
+                skipped += bad
+                norms.append(float(norm))
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+        out = {k: v / max(tokens, 1) for k, v in sums.items()}  # token-weighted means over the step
+        out.update(grad_norm=sum(norms) / max(len(norms), 1), lr=self.scheduler.get_last_lr()[0], skipped_updates=skipped)
+        return out
+
+    def _minibatch(self, ro: Rollout, mb: list[int], n_tok: int) -> dict:
+        """Backward of one mini-batch in micro-batches; returns token SUMS of the statistics."""
+        p, micro = self.cfg.ppo, self.cfg.train.micro_batch_size
+        sums = dict.fromkeys(("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl"), 0.0)
+        for s in range(0, len(mb), micro):
+            rows = mb[s : s + micro]
+            ids, attn, mask = ro.rows(rows)
+            logps, values, logits = policy_forward(self.policy, self.value_head, ids, attn, mask, p.temperature,
+                                                   self.bf16)
+            del logits
+            m = mask.to(logps.device).float()
+            at = lambda x: x[rows].to(logps.device)  # noqa: E731
+            pg, pg_clipped = RL.clipped_policy_loss(logps, at(ro.logps), at(ro.advantages), p.clip_range)
+            vf, vf_clipped = RL.clipped_value_loss(values, at(ro.values), at(ro.returns), p.value_clip)
+            # A sum over tokens divided by the mini-batch's token count: the micro-batches add
+            # up to the token mean of the whole mini-batch.
+            loss = ((pg + p.vf_coef * vf) * m).sum() / n_tok
+            loss.backward()
+            sums["policy_loss"] += float((pg.detach() * m).sum())
+            sums["value_loss"] += float((vf.detach() * m).sum())
+            sums["clipfrac"] += float((pg_clipped.float() * m).sum())
+            sums["value_clipfrac"] += float((vf_clipped.float() * m).sum())
+            sums["approx_kl"] += float((0.5 * (logps.detach() - at(ro.logps)) ** 2 * m).sum())
+        return sums
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        start, results = self._maybe_resume()
+        if start == 0:
+            results["before"] = self._evaluate(0)
+        bad = 0
+        bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="ppo",
+                   disable=not t.progress, dynamic_ncols=True)
+        for step in bar:
+            t0 = time.perf_counter()
+            row = self.train_step(step)
+            bad = bad + 1 if row["skipped_updates"] else 0
+            if bad >= t.max_bad_steps:
+                raise RuntimeError(f"step {step + 1}: non-finite losses or gradients {bad} steps in a row; stopping")
+            done = step + 1
+            self.log.write({**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)})
+            bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
+            if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
+                self._evaluate(done)
+            if t.save_every and done % t.save_every == 0 and done < self.total_steps:
+                self._save_checkpoint(done, results)
+        results["after"] = self._evaluate(self.total_steps)
+        return self._finish(results)
+
+    @torch.no_grad()
+    def _evaluate(self, step: int) -> dict:
+        """Mean reward and KL of responses sampled for the held-out prompts, with a fixed
+        seed (the same sampling noise at every evaluation; the training stream is untouched)."""
+        if not self.eval_prompts:
+            return {}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg.train.seed + 1)
+            ro = self.rollout(list(range(len(self.eval_prompts))), self.eval_prompts, self.eval_prompt_ids)
+        metrics = {k: ro.stats[k] for k in ("reward", "kl", "reward_total", "entropy", "response_length")}
+        metrics["prompts"] = len(ro)
+        self.log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        metrics["samples"] = [{"prompt": ro.prompts[i][-1]["content"], "response": ro.texts[i],
+                               "reward": float(ro.scores[i])} for i in range(min(3, len(ro)))]
+        return metrics
+
+    def _model_to_save(self) -> PolicyWithValueHead:
+        return PolicyWithValueHead(self.policy, self.value_head)
+
+    def _save_checkpoint(self, step: int, results: dict) -> None:
+        ckpt.save_checkpoint(self.out, step, self._model_to_save(), self.tokenizer, self.optimizer, self.scheduler,
+                             {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
+
+    def _maybe_resume(self) -> tuple[int, dict]:
+        found = ckpt.latest_checkpoint(self.out) if self.cfg.train.resume else None
+        if found is None:
+            self.log.truncate(0)
+            return 0, {}
+        ckpt.load_weights(self.policy, found / "model")
+        load_value_head(self.value_head, found / "model")
+        state = torch.load(found / "trainer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        meta = json.loads((found / "state.json").read_text())
+        self.log.truncate(meta["step"])
+        return meta["step"], meta.get("results", {})
+
+    def _finish(self, results: dict) -> dict:
+        truncated = getattr(self.reward, "prompts_truncated", None)
+        results.update(method="rlhf", beta=self.beta, config=to_dict(self.cfg), steps=self.total_steps,
+                       data={**self.report, "reward_prompts_truncated": truncated})
+        ckpt.atomic_save_model(self.out / "final", self._model_to_save(), self.tokenizer)
+        ckpt.atomic_write_json(self.out / "results.json", results)
+        return results
+
+
+def train_ppo(cfg: Config, reward: Optional[RewardFn] = None) -> dict:
+    """``ulma train`` with ``method.name: rlhf``."""
+    return PPOTrainer(cfg, reward).run()

@@ -1,0 +1,362 @@
+"""``method: reward`` -- a scalar reward model r_phi(x, y), and scoring text with it.
+
+The model is ``AutoModelForSequenceClassification`` with ``num_labels=1`` built on
+``model.name_or_path`` (LoRA or full); its score is read at the last non-padding token.
+Losses by data (``reward.loss: auto``): pairs -> Bradley-Terry (Eq. 2), binary labels ->
+cross-entropy (Eq. 7), scores -> MSE (Eq. 9).  ``OUTPUT/final/`` is a plain
+sequence-classification folder (LoRA merged into the base, ``pad_token_id`` set, the
+tokenizer and its chat template beside it)::
+
+    AutoModelForSequenceClassification.from_pretrained("runs/reward/final")
+    RewardScorer("runs/reward/final").score(prompts, responses)   # -> Tensor [N]
+
+:class:`RewardScorer` takes *text* and re-tokenises it with the reward model's own
+tokenizer and chat template, so a reward model may have another tokenizer than the policy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ulma import checkpoint as ckpt
+from ulma.config import Config, ConfigError, to_dict, validate
+from ulma.data.prepare import load_split, prepare
+from ulma.data.schema import as_kind, make_prompt, pointwise_to_pairs, user_prompt
+from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate, pad_rows
+from ulma.evaluation.metrics import label_accuracy, reward_accuracy
+from ulma.logprobs import autocast, use_bf16
+from ulma.methods import Method
+from ulma.models import add_lora, is_peft, load_tokenizer, resolve_model_path, trainable_parameters
+from ulma.rlhf import losses as RL
+from ulma.rlhf.metrics import calibration, pearson, spearman
+from ulma.rlhf.run import MetricsLog, make_optimizer, non_finite, pick_device, set_seed
+
+LOSSES = ("bradley_terry", "bce", "mse")
+
+
+# ------------------------------------------------------------------ data
+
+
+def resolve_loss(setting: str, examples: list) -> str:
+    """``auto`` -> bradley_terry if every example is a pair, mse if any label is a
+    continuous score, else bce (binary labels; demonstrations count as z = 1)."""
+    if setting != "auto":
+        return setting
+    if examples and all(e.kind == "pair" for e in examples):
+        return "bradley_terry"
+    if any(e.kind == "pointwise" and not e.binary for e in examples):
+        return "mse"
+    return "bce"
+
+
+def as_pairs(examples: list, where: str) -> list:
+    """Pairs for Bradley-Terry: pairs as they are, point-wise examples paired within a prompt
+    (every higher/lower label combination, :func:`~ulma.data.schema.pointwise_to_pairs`)."""
+    pairs = [e for e in examples if e.kind == "pair"]
+    pairs += pointwise_to_pairs(as_kind([e for e in examples if e.kind != "pair"], "pointwise"))
+    if examples and not pairs:
+        raise ConfigError(f"reward.loss: bradley_terry needs pairs, and the {where} data has no two responses "
+                          "to one prompt with different labels; use reward.loss=bce or mse")
+    return pairs
+
+
+def load_reward_model(model_cfg, tokenizer, device: torch.device):
+    """A one-output sequence classifier on ``model_cfg.name_or_path`` (a fresh score head on
+    a causal LM, or a reward model to train further), float32, LoRA when enabled."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(model_cfg.name_or_path), num_labels=1, dtype=torch.float32,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    # The score is read at the last token that is not padding: the model must know the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    if model_cfg.lora.enabled:
+        model = add_lora(model, model_cfg.lora, task_type="SEQ_CLS")
+    return model.to(device)
+
+
+def forward_scores(model, batch: dict, bf16: bool) -> torch.Tensor:
+    """r(x, y) for every row of a padded batch: ``[N]`` float32."""
+    device = next(model.parameters()).device
+    with autocast(device, bf16):
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    return logits[:, 0].float()
+
+
+@torch.no_grad()
+def table_scores(model, table: SequenceTable, pad_id: int, batch_size: int, bf16: bool, progress: bool = False):
+    """Scores of every row of a table, ``[len(table)]``, longest rows first (less padding)."""
+    from tqdm.auto import tqdm
+
+    out = torch.zeros(len(table))
+    order = sorted(range(len(table)), key=lambda r: -len(table.sequences[r].input_ids))
+    was_training = model.training
+    model.eval()
+    for s in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress, leave=False):
+        chunk = order[s : s + batch_size]
+        out[chunk] = forward_scores(model, pad_rows(table, chunk, pad_id), bf16).cpu()
+    model.train(was_training)
+    return out
+
+
+def unit_losses(loss: str, scores: torch.Tensor, labels: torch.Tensor, positive: torch.Tensor, binary: bool,
+                method_cfg) -> torch.Tensor:
+    """Per-unit losses ``[B]`` from the scores of a collated batch (pairs: ``[2B]``, chosen first)."""
+    if loss == "bradley_terry":
+        b = labels.shape[0]
+        return RL.bradley_terry_loss(scores[:b], scores[b:])
+    if loss == "bce":
+        z = labels if binary else positive.float()  # scores -> positive (best-rated) vs the rest
+        return RL.binary_reward_loss(scores, z.to(scores.device))
+    target = method_cfg.target_scale * (labels - method_cfg.target_offset)  # Eq. 9's z, as for point-wise DPO
+    return RL.mse_reward_loss(scores, target.to(scores.device))
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def evaluate_scores(scores: torch.Tensor, data, labelled: list, loss: str, cfg: Config) -> dict:
+    """Held-out metrics from the scores of every row of the eval table.
+
+    ``labelled``: ``(row, label, binary)`` of the held-out point-wise examples (pairs count
+    as chosen z=1, rejected z=0).  Spearman against continuous human scores; calibration
+    of sigma(r) against binary labels when the model was trained to predict them (bce).
+    """
+    ev = data.eval
+    acc, ties = reward_accuracy(scores, ev.pairs)
+    out = {"pair_accuracy": acc, "pair_ties": ties, "pairs": len(ev.pairs), "reward_mean": float(scores.mean()),
+           "reward_std": float(scores.std()) if len(scores) > 1 else 0.0}
+    if len(ev.units):
+        out["loss"] = float(heldout_loss(scores, ev.units, loss, cfg.method).mean())
+    cont = [(r, z) for r, z, b in labelled if not b]
+    if cont:
+        s, z = scores[[r for r, _ in cont]], torch.tensor([z for _, z in cont])
+        out.update(spearman=spearman(s, z), pearson=pearson(s, z), scored_examples=len(cont))
+    binary = [(r, z) for r, z, b in labelled if b]
+    if binary and loss == "bce":
+        s, z = scores[[r for r, _ in binary]], torch.tensor([z for _, z in binary])
+        out.update(calibration(s, z, cfg.reward.calibration_bins))
+        out["label_accuracy"] = label_accuracy(scores, [(r, z == 1) for r, z in binary])
+    return out
+
+
+def heldout_loss(scores: torch.Tensor, units: Units, loss: str, method_cfg) -> torch.Tensor:
+    cols = list(zip(*units.rows))
+    rows = torch.tensor([r for col in cols for r in col])
+    return unit_losses(loss, scores[rows], torch.tensor(units.labels), torch.tensor(units.positive), units.binary,
+                       method_cfg)
+
+
+def labelled_rows(examples: list, tokenizer, max_length: int, table: SequenceTable) -> list:
+    """``(row, label, binary)`` of held-out examples in point-wise form, rows of ``table``
+    (already tokenized rows are found again, not added twice)."""
+    tok = Tokenizer(tokenizer, max_length)
+    return [(tok.add(table, e.prompt, e.response), e.label, e.binary) for e in as_kind(examples, "pointwise")]
+
+
+# ------------------------------------------------------------------ saving and scoring
+
+
+def save_reward_model(model, tokenizer, folder: Path) -> None:
+    """``folder`` as a plain ``AutoModelForSequenceClassification`` checkpoint: LoRA merged
+    into the base (the model object is consumed), ``pad_token_id`` in its config."""
+    if is_peft(model):
+        model = model.merge_and_unload()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    ckpt.atomic_save_model(Path(folder), model, tokenizer)
+
+
+def _as_prompt(prompt):
+    return user_prompt(prompt) if isinstance(prompt, str) else make_prompt(prompt)
+
+
+class RewardScorer:
+    """Scores (prompt, response) text with a saved reward model: ``score(...) -> Tensor [N]``.
+
+    The text is rendered with the reward model's OWN tokenizer and chat template (prompt
+    cut from the left to ``max_length`` and counted in ``prompts_truncated``), so the
+    policy's tokenizer may differ.  A prompt is a string (one user turn) or chat turns.
+    """
+
+    def __init__(self, folder: str | Path, device: torch.device | None = None, max_length: int = 512,
+                 batch_size: int = 8, bf16: bool = False):
+        from transformers import AutoModelForSequenceClassification
+
+        folder = Path(folder)
+        check_reward_folder(folder)
+        self.device = device or pick_device()
+        self.tokenizer = load_tokenizer(str(folder))
+        self.model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
+        self.model.requires_grad_(False)
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"reward model {folder}: num_labels={self.model.config.num_labels}, expected 1 (a scalar)")
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.encoder = Tokenizer(self.tokenizer, max_length)
+        self.batch_size, self.bf16 = batch_size, bf16
+        self.prompts_truncated = 0
+
+    def score(self, prompts: list, responses: list[str]) -> torch.Tensor:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        table = SequenceTable()
+        rows = [self.encoder.add(table, _as_prompt(p), r) for p, r in zip(prompts, responses)]
+        self.prompts_truncated += table.prompt_truncated
+        scores = table_scores(self.model, table, self.model.config.pad_token_id, self.batch_size, self.bf16)
+        return scores[rows]
+
+    def __call__(self, prompts: list, responses: list[str], token_ids=None) -> torch.Tensor:
+        """The PPO reward interface: ``(prompts, response texts, response token ids) -> [N]``."""
+        return self.score(prompts, responses)
+
+
+def check_reward_folder(folder: Path) -> None:
+    """Fail early, naming the folder, when it cannot be a saved reward model."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"reward model folder {folder} does not exist (train one with method.name=reward)")
+    if not (folder / "config.json").exists():
+        hint = " (it holds a LoRA adapter: merge it, as method.name=reward does)" if (folder / "adapter_config.json").exists() else ""
+        raise ValueError(f"reward model folder {folder} has no config.json{hint}")
+    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ValueError(f"reward model folder {folder} has no tokenizer: it must score text with its own tokenizer; "
+                         "save the tokenizer beside the model")
+
+
+# ------------------------------------------------------------------ the loop
+
+
+class RewardTrainer:
+    """Fits r_phi on the training split; evaluates on the held-out split before and after."""
+
+    def __init__(self, cfg: Config):
+        validate(cfg)
+        self.cfg = cfg
+        self.device = pick_device()
+        self.out = Path(cfg.train.output_dir)
+        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+        set_seed(cfg.train.seed)
+        self.tokenizer = load_tokenizer(cfg.model.name_or_path)
+        self.pad_id = self.tokenizer.pad_token_id
+        self._prepare_data()
+        self.model = load_reward_model(cfg.model, self.tokenizer, self.device)
+        self.bf16 = use_bf16(cfg.train.bf16, self.device)
+        self.total_steps = self._total_steps()
+        self.optimizer, self.scheduler = make_optimizer(trainable_parameters(self.model), cfg.train, self.total_steps)
+        self.plan = self._plan()
+        self.log = MetricsLog(self.out)
+
+    def _prepare_data(self) -> None:
+        cfg = self.cfg
+        train_ex, eval_ex, skipped = load_split(cfg)
+        self.loss = resolve_loss(cfg.reward.loss, train_ex)
+        kind = "pair" if self.loss == "bradley_terry" else "pointwise"
+        unit_train, unit_eval = train_ex, eval_ex
+        if kind == "pair":
+            unit_train, unit_eval = as_pairs(train_ex, "training"), as_pairs(eval_ex, "held-out")
+        task = Method("reward", None, kind, needs_reference=False)
+        self.data = prepare(cfg, self.tokenizer, task, (unit_train, unit_eval, skipped))
+        self.labelled = labelled_rows(eval_ex, self.tokenizer, cfg.data.max_length, self.data.eval.table)
+        self.data.report.update(loss=self.loss, eval_labelled=len(self.labelled))
+
+    def _total_steps(self) -> int:
+        t = self.cfg.train
+        if t.max_steps:
+            return t.max_steps
+        return max(1, math.ceil(t.epochs * math.ceil(len(self.data.train) / t.micro_batch_size) / t.grad_accum))
+
+    def _plan(self) -> list[list[int]]:
+        from ulma.train import epoch_plan
+
+        t = self.cfg.train
+        needed, plan, epoch = self.total_steps * t.grad_accum, [], 0
+        while len(plan) < needed:
+            plan += epoch_plan(self.data.train, t.micro_batch_size, 1, t.seed, epoch, t.group_by_length)
+            epoch += 1
+        return plan[:needed]
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step: the mean unit loss over the step's micro-batches."""
+        t = self.cfg.train
+        micro = self.plan[step * t.grad_accum : (step + 1) * t.grad_accum]
+        n_units = sum(len(mb) for mb in micro)
+        total, correct, pairs = 0.0, 0, 0
+        for mb in micro:
+            batch = collate(self.data.train, mb, self.pad_id)
+            scores = forward_scores(self.model, batch, self.bf16)
+            losses = unit_losses(self.loss, scores, batch["labels"], batch["positive"], self.data.train.binary,
+                                 self.cfg.method)
+            (losses.sum() / n_units).backward()
+            total += losses.sum().item() / n_units
+            if self.loss == "bradley_terry":
+                correct += int((scores[: len(mb)] > scores[len(mb) :]).sum())
+                pairs += len(mb)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), t.max_grad_norm)
+        skipped = non_finite(total, grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        row = {"loss": total, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0], "skipped": skipped}
+        if pairs:
+            row["train_pair_accuracy"] = correct / pairs
+        return row
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        start, results = self._maybe_resume()
+        if start == 0:
+            results["before"] = self._evaluate(0)
+        self.model.train()
+        bad = 0
+        for step in tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="reward",
+                         disable=not t.progress, dynamic_ncols=True):
+            t0 = time.perf_counter()
+            row = self.train_step(step)
+            bad = bad + 1 if row["skipped"] else 0
+            if bad >= t.max_bad_steps:
+                raise RuntimeError(f"step {step + 1}: loss or gradients non-finite {bad} steps in a row; stopping")
+            done = step + 1
+            self.log.write({**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)})
+            if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
+                self._evaluate(done)
+            if t.save_every and done % t.save_every == 0 and done < self.total_steps:
+                ckpt.save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer, self.scheduler,
+                                     {"step": done, "results": results}, keep=t.keep_checkpoints)
+        results["after"] = self._evaluate(self.total_steps)
+        return self._finish(results)
+
+    def _evaluate(self, step: int) -> dict:
+        scores = table_scores(self.model, self.data.eval.table, self.pad_id, self.cfg.train.micro_batch_size,
+                              self.bf16, self.cfg.train.progress)
+        metrics = evaluate_scores(scores, self.data, self.labelled, self.loss, self.cfg)
+        self.log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    def _maybe_resume(self) -> tuple[int, dict]:
+        found = ckpt.latest_checkpoint(self.out) if self.cfg.train.resume else None
+        if found is None:
+            self.log.truncate(0)
+            return 0, {}
+        state = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+        self.log.truncate(state["step"])
+        return state["step"], state.get("results", {})
+
+    def _finish(self, results: dict) -> dict:
+        results.update(method="reward", loss=self.loss, config=to_dict(self.cfg), data=self.data.report,
+                       steps=self.total_steps)
+        save_reward_model(self.model, self.tokenizer, self.out / "final")
+        ckpt.atomic_write_json(self.out / "results.json", results)
+        return results
+
+
+def train_reward(cfg: Config) -> dict:
+    """``ulma train`` with ``method.name: reward``."""
+    return RewardTrainer(cfg).run()
