@@ -144,7 +144,7 @@ def test_a_torn_last_line_is_redone_and_a_broken_line_named(sharp, tmp_path):
     GenerationFiles(path2).partial.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
     with pytest.raises(DataError, match=r"generations.jsonl.partial, row 2: invalid JSON"):
         generate_file(model, tok, demos(), path2, cfg, {"model": "m"}, progress=False)
-    with pytest.raises(EvalError, match="max_new_tokens"):  # other settings would mix two kinds of rows
+    with pytest.raises(EvalError, match="made with settings.max_new_tokens = 3, not 9"):  # no mixed rows
         generate_file(model, tok, demos(), path2, GenerateConfig(max_new_tokens=9, batch_size=2), {"model": "m"},
                       progress=False)
     with pytest.raises(DataError, match=r"row 1, field 'id': this row's prompt is not in the current data selection"):

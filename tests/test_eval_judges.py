@@ -60,6 +60,7 @@ def test_the_appendix_b_prompt_is_rendered_exactly():
     ("Helpful: 1>2. Helpful: 1<2. Harmless: 1=2", None, "="),  # two different verdicts: not guessed
     ("1>2", None, None),  # one verdict, two criteria: not guessed
     ("Text 1 is better.", None, None),
+    ("Helpful: 12=21. Harmless: 1.2<2.1", None, None),  # numbers, not verdicts
     ("", None, None),
     (None, None, None),
 ])

@@ -74,3 +74,26 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tiny_model_dir, point
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
     assert [r["step"] for r in metrics(b) if "loss" in r] == list(range(1, 9))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 24 MiB file system (tmpfs), where the machine allows mounting one."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_full_disk_is_an_error_before_training(tiny_model_dir, pointwise_file, small_disk):
+    # full fine-tuning of the tiny model: 1.6M params -> ~6 MiB weights + ~12 MiB AdamW state + 3.5 MiB
+    # tokenizer per checkpoint, 3 checkpoints + final: ~86 MiB > 24 MiB
+    cfg = tiny_cfg(tiny_model_dir, pointwise_file, small_disk / "run", "model.lora.enabled=false")
+    with pytest.raises(OSError, match=r"MiB free; this run's checkpoints need about"):
+        train(cfg)
+    assert not (small_disk / "run" / "metrics.jsonl").exists()
+    # the LoRA adapter of the same model fits
+    train(tiny_cfg(tiny_model_dir, pointwise_file, small_disk / "lora", "train.max_steps=1"))
+    assert (small_disk / "lora" / "final" / "adapter_model.safetensors").exists()

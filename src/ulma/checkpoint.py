@@ -53,6 +53,36 @@ def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def checkpoint_bytes(model) -> int:
+    """Rough size of one checkpoint: the saved weights (the adapter, or the whole model)
+    plus AdamW's two float32 moments per trainable parameter."""
+    from ulma.models import is_peft
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    saved = trainable if is_peft(model) else sum(p.numel() for p in model.parameters())
+    return 4 * saved + 8 * trainable
+
+
+def tokenizer_bytes(tokenizer) -> int:
+    """Size of the tokenizer files saved beside every checkpoint (a few MiB for BPE vocabularies)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return sum(f.stat().st_size for f in Path(tmp).iterdir())
+
+
+def check_space(out: Path, model, tokenizer, keep: int) -> None:
+    """Fail before training when the output folder cannot hold the checkpoints of the run:
+    ``keep`` checkpoints, one more being written, and the final model."""
+    per = checkpoint_bytes(model) + tokenizer_bytes(tokenizer)
+    need = (max(keep, 1) + 1) * per + per
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise OSError(
+            f"output folder {out} has {free / 2**20:.1f} MiB free; this run's checkpoints need about "
+            f"{need / 2**20:.1f} MiB ({max(keep, 1)} kept + 1 being written + final, {per / 2**20:.1f} MiB each)"
+        )
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     with os.fdopen(fd, "w") as f:

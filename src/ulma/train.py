@@ -82,6 +82,7 @@ class Trainer:
         self.data = prepare(cfg, self.tokenizer, self.method)
         self.model = load_policy(cfg.model, self.acc.device)
         self.bf16 = use_bf16(cfg.train.bf16, self.acc.device)
+        ckpt.check_space(self.out, self.model, self.tokenizer, cfg.train.keep_checkpoints)
         keep_copy = cfg.model.reference == "live" and self.method.needs_reference
         self.reference = Reference(self.model, keep_copy=keep_copy)
         self.pad_id = self.tokenizer.pad_token_id

@@ -170,15 +170,18 @@ def _row(index: int, demo, out: dict) -> dict:
 
 
 def _check_meta(path: Path, header: dict) -> None:
-    """A resumed run must use the model and settings of the rows already written."""
+    """A resumed run must use the model and decoding settings of the rows already written
+    (the batch size may change: after running out of memory, say)."""
     if not path.exists():
         return
     old = read_json(path)
-    for key in ("model", "settings"):
-        if old.get(key) != header.get(key):
+    for key, then, now in [("model", old.get("model"), header.get("model")),
+                           *((f"settings.{k}", old.get("settings", {}).get(k), v)
+                             for k, v in header["settings"].items() if k != "batch_size")]:
+        if then != now:
             raise EvalError(
-                f"{path}: the rows beside it were made with {key} = {old.get(key)!r}, not {header.get(key)!r}; "
-                "rerun with the same settings to resume, or pass --overwrite (or another --out) to start over"
+                f"{path}: the rows beside it were made with {key} = {then!r}, not {now!r}; rerun with "
+                "the same settings to resume, or pass --overwrite (or another --out) to start over"
             )
 
 

@@ -44,7 +44,7 @@ def render_judge_prompt(prompt, text1: str, text2: str) -> str:
 # "1>2", "1 = 2", "1≥2", "1>=2", "$1\geq 2$", and the mirrored "2<1" forms.
 _OPS = {">": ">", "≥": ">", ">=": ">", "\\geq": ">", "\\ge": ">", "=": "=", "<": "<", "≤": "<", "<=": "<",
         "\\leq": "<", "\\le": "<"}
-_VERDICT = re.compile(r"([12])\s*(>=|<=|\\geq|\\leq|\\ge|\\le|[>≥=<≤])\s*([12])")
+_VERDICT = re.compile(r"(?<![\d.])([12])\s*(>=|<=|\\geq|\\leq|\\ge|\\le|[>≥=<≤])\s*([12])(?![\d.]\d)")
 _FLIP = {">": "<", "<": ">", "=": "="}
 
 
