@@ -21,7 +21,7 @@ from ulma import checkpoint as ckpt
 from ulma.config import Config, to_dict, validate
 from ulma.data.prepare import prepare
 from ulma.data.tokenize import collate
-from ulma.evaluation.metrics import evaluate, precompute_reference
+from ulma.evaluation.metrics import evaluate, table_logps
 from ulma.logprobs import forward_logps, reduce_logps, use_bf16
 from ulma.losses import group_mean
 from ulma.methods import METHODS, LossInputs
@@ -254,18 +254,28 @@ class Trainer:
             cached = torch.load(path)
             return cached["train"], cached["eval"]
         need_train = self.method.needs_reference and self.cfg.model.reference == "precompute"
-        bs, bf16 = self.cfg.train.micro_batch_size, self.bf16
         with self.reference.model() as net:
-            show = self.cfg.train.progress and self.acc.is_main_process
-            train = precompute_reference(net, self.data.train.table, self.pad_id, bs, bf16, show) if need_train else None
-            evals = precompute_reference(net, self.data.eval.table, self.pad_id, bs, bf16, show)
+            train = self._table_logps(net, self.data.train.table, "reference log-probs") if need_train else None
+            evals = self._table_logps(net, self.data.eval.table, "reference log-probs (held out)")
         if self.acc.is_main_process:
             ckpt.atomic_torch_save({"train": train, "eval": evals}, path)
         return train, evals
 
-    def _evaluate(self, ref_eval: dict, step: int, policy_logps: dict | None = None) -> dict:
+    def _table_logps(self, net, table, desc: str) -> dict:
+        """Log-probs of every row of ``table``, each process scoring every world-th row,
+        then summed over processes: evaluation work is done once, not once per process."""
+        rank, world = self.acc.process_index, self.acc.num_processes
         show = self.cfg.train.progress and self.acc.is_main_process
-        metrics = evaluate(self.model, self.data.eval, ref_eval, self.method, self.cfg, self.pad_id, self.bf16, show,
+        out = table_logps(net, table, self.pad_id, self.cfg.train.micro_batch_size, self.bf16,
+                          rows=list(range(rank, len(table), world)), desc=desc, progress=show)
+        if world > 1:
+            out = {k: self.acc.reduce(v.to(self.acc.device), "sum").cpu() for k, v in out.items()}
+        return out
+
+    def _evaluate(self, ref_eval: dict, step: int, policy_logps: dict | None = None) -> dict:
+        if policy_logps is None:
+            policy_logps = self._table_logps(self.acc.unwrap_model(self.model), self.data.eval.table, "evaluate")
+        metrics = evaluate(self.model, self.data.eval, ref_eval, self.method, self.cfg, self.pad_id, self.bf16,
                            policy_logps=policy_logps)
         self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
