@@ -305,7 +305,7 @@ def test_reward_judge_compares_scores_of_padded_batches(reward_dir, tokenizer):
     judge = RewardModelJudge(RewardJudgeConfig(model=str(reward_dir), batch_size=3))
     judged = judge.judge(items, progress=False)
     for c, j in zip(items, judged):
-        rm, rr = (reference_reward(judge.model, tokenizer, c.prompt, r) for r in (c.model, c.reference))
+        rm, rr = (reference_reward(judge.scorer.model, tokenizer, c.prompt, r) for r in (c.model, c.reference))
         assert j.scores == pytest.approx([rm, rr], abs=1e-4)
         assert j.verdicts == {"harmless": "win" if rm > rr else "lose" if rm < rr else "tie"}
     assert judged[-1].verdicts == {"harmless": "tie"}
@@ -320,5 +320,6 @@ def test_a_classifier_with_two_outputs_is_not_a_reward_model(tmp_path, tokenizer
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, num_labels=2)
     LlamaForSequenceClassification(cfg).save_pretrained(tmp_path)
-    with pytest.raises(EvalError, match="has 2 outputs; a reward model has one"):
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="num_labels=2, expected 1"):
         RewardModelJudge(RewardJudgeConfig(model=str(tmp_path)))

@@ -23,8 +23,9 @@ def register(sub) -> None:
                         "and per-example log-probs")
     _model_args(p)
     _data_args(p)
-    p.add_argument("--max-length", type=int, default=1024, help="prompt + response tokens (prompt cut from the left)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=_positive, default=1024,
+                   help="prompt + response tokens (the prompt is cut from the left)")
+    p.add_argument("--batch-size", type=_positive, default=8)
     p.set_defaults(handler=_guard(cmd_perplexity))
 
     g = esub.add_parser("generate", help="answer each prompt (one per prompt, with its reference answer); resumes")
@@ -73,14 +74,15 @@ def _data_args(p) -> None:
                    help="test/train: split --data by prompt as training does (--test-fraction, --split-seed)")
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the split and of --limit's subset")
-    p.add_argument("--limit", type=int, help="a seeded random subset of this many examples (prompts for generate)")
+    p.add_argument("--limit", type=_positive,
+                   help="a seeded random subset of this many examples (prompts for generate)")
     p.add_argument("--name", help="the data set's name in reports (default: the source name)")
 
 
 def _generate_args(g) -> None:
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--max-prompt-length", type=int, default=1024, help="longer prompts are cut from the left")
+    g.add_argument("--batch-size", type=_positive, default=8)
+    g.add_argument("--max-new-tokens", type=_positive, default=128)
+    g.add_argument("--max-prompt-length", type=_positive, default=1024, help="longer prompts are cut from the left")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -95,6 +97,15 @@ def _judge_args(p) -> None:
     if not any(a.dest == "out" for a in p._actions):
         p.add_argument("--out", help="output folder (default: the generations file's folder)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _guard(fn):

@@ -42,12 +42,12 @@ class LocalJudgeConfig:
 
 @dataclass
 class RewardJudgeConfig:
-    model: Optional[str] = None  # a sequence-classification checkpoint with one output (a scalar reward)
+    model: Optional[str] = None  # a folder: sequence-classification model with one output + its tokenizer
     criterion: Literal["helpful", "harmless"] = "harmless"  # what the reward measures
     tie_margin: float = 0.0  # |r(model) - r(reference)| <= margin is a tie
     batch_size: int = 8
     max_length: int = 1024  # prompt + response tokens; the prompt is cut from the left
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: bf16 autocast, float32 weights
 
 
 @dataclass

@@ -26,8 +26,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ulma.evaluation.config import CRITERIA, JudgeConfig
 from ulma.evaluation.io import EvalError
 from ulma.evaluation.prompts import combine, outcome, parse_verdicts, render_judge_prompt
@@ -242,75 +240,33 @@ class LocalJudge(PromptJudge):
 
 
 class RewardModelJudge:
-    """A scalar reward model r(x, y) (a sequence-classification checkpoint with one
-    output): the model's answer wins when r(model) - r(reference) > tie_margin, loses
-    when it is < -tie_margin, ties otherwise.  It judges one criterion (``criterion``).
+    """A scalar reward model r(x, y) (a sequence-classification folder with one output, as
+    ``method.name=reward`` saves it): the model's answer wins when r(model) - r(reference)
+    > tie_margin, loses when it is < -tie_margin, ties otherwise.  It judges one criterion.
 
-    Sequences are tokenized as in training (chat template, response + EOS), right-padded;
-    the checkpoint's own head reads its usual position (the last token that is not padding).
+    Scoring is :class:`ulma.rlhf.reward.RewardScorer`'s: the reward model's own tokenizer
+    and chat template, padded batches, the checkpoint's head at the last non-padding token.
     """
 
     def __init__(self, cfg):
-        from ulma.evaluation.loading import DTYPES, resolve_model
-        from ulma.models import load_tokenizer, resolve_model_path
+        from ulma.rlhf.reward import RewardScorer
 
         self.cfg = cfg
-        spec = resolve_model(cfg.model)
-        self.model = _load_reward_model(spec, DTYPES[cfg.dtype])
-        self.tokenizer = load_tokenizer(spec.folder if spec.kind != "adapter" else resolve_model_path(spec.base))
-        if self.model.config.pad_token_id is None:  # needed to batch: pooling finds the last non-pad token
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.id = f"reward:{spec.describe()}"
+        self.scorer = RewardScorer(cfg.model, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                                   bf16=cfg.dtype == "bfloat16")
+        self.id = f"reward:{cfg.model}"
         self.stats = {"requests": 0, "cache_hits": 0, "malformed_responses": 0}
 
-    @torch.no_grad()
-    def scores(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        """r(x, y) for each (prompt, response): [N] float32."""
-        from ulma.data.tokenize import SequenceTable, Tokenizer, pad_rows
-
-        table, tok = SequenceTable(), Tokenizer(self.tokenizer, self.cfg.max_length)
-        rows = [tok.add(table, p, r) for p, r in zip(prompts, responses)]
-        out = torch.zeros(len(table))
-        dev = next(self.model.parameters()).device
-        for s in range(0, len(table), self.cfg.batch_size):
-            chunk = list(range(s, min(s + self.cfg.batch_size, len(table))))
-            b = pad_rows(table, chunk, self.tokenizer.pad_token_id)
-            logits = self.model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
-            out[chunk] = logits[:, 0].float().cpu()
-        self.stats["requests"] += len(table)
-        return out[rows]
-
     def judge(self, items: list[Comparison], progress: bool = True) -> list[Judgment]:
-        n = len(items)
-        r = self.scores([c.prompt for c in items] * 2, [c.model for c in items] + [c.reference for c in items])
+        n, m, crit = len(items), self.cfg.tie_margin, self.cfg.criterion
+        r = self.scorer.score([c.prompt for c in items] * 2, [c.model for c in items] + [c.reference for c in items])
+        self.stats["requests"] += 2 * n
         out = []
         for i in range(n):
-            d, m = float(r[i] - r[n + i]), self.cfg.tie_margin
+            d = float(r[i] - r[n + i])
             verdict = "win" if d > m else "lose" if d < -m else "tie"
-            crit = self.cfg.criterion  # a reward model measures one criterion
             out.append(Judgment({crit: verdict}, [], {crit: False}, [float(r[i]), float(r[n + i])]))
         return out
-
-
-def _load_reward_model(spec, dtype):
-    """A sequence-classification model (a peft adapter is merged); one output required."""
-    from transformers import AutoModelForSequenceClassification
-
-    from ulma.models import resolve_model_path
-
-    try:
-        if spec.kind == "adapter":
-            from peft import AutoPeftModelForSequenceClassification
-
-            model = AutoPeftModelForSequenceClassification.from_pretrained(spec.folder, dtype=dtype).merge_and_unload()
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(spec.folder), dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise EvalError(f"cannot load reward model {spec.describe()!r}: {e}") from e
-    if model.config.num_labels != 1:
-        raise EvalError(f"reward model {spec.describe()!r} has {model.config.num_labels} outputs; "
-                        "a reward model has one")
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 def build_judge(cfg: JudgeConfig, cache_path: Path | None):

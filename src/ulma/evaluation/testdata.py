@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ulma.config import Config, from_dict
-from ulma.data.prepare import load_examples, subsample
+from ulma.data.prepare import load_split, subsample
 from ulma.data.schema import Pair, as_kind, pointwise_to_pairs
 from ulma.data.sources import load_source, split_by_prompt
 from ulma.evaluation.loading import dataset_name
@@ -68,18 +68,14 @@ def _split(examples: list, split: str, fraction: float, seed: int) -> list:
 
 
 def _run_heldout(run_config: dict, spec: DataSpec) -> EvalData:
-    """The run's held-out examples: ``data.eval``, or the share of ``data.train`` that
-    training held out (the same split: same fraction, same seed)."""
+    """The held-out examples that training evaluated: ``data.eval``, or the share of
+    ``data.train`` it held out (same fraction, same seed), capped by ``data.eval_limit``."""
     cfg = from_dict(Config, run_config)
-    if cfg.data.eval is not None:
-        examples, skipped = load_examples(cfg.data.eval, cfg.data.on_error)
-        src = cfg.data.eval
-    else:
-        examples, skipped = load_examples(cfg.data.train, cfg.data.on_error)
-        examples = split_by_prompt(examples, cfg.data.eval_fraction, cfg.train.seed)[1]
-        src = cfg.data.train
+    _, examples, skipped = load_split(cfg)
+    src = cfg.data.eval if cfg.data.eval is not None else cfg.data.train
     about = {"source": src.source, "path": src.path, "options": src.options, "split": "run held-out",
-             "test_fraction": cfg.data.eval_fraction, "split_seed": cfg.train.seed, "limit": spec.limit}
+             "test_fraction": cfg.data.eval_fraction, "split_seed": cfg.train.seed,
+             "eval_limit": cfg.data.eval_limit, "limit": spec.limit}
     return EvalData(examples, spec.name or dataset_name(src.source, src.path), skipped, about)
 
 
