@@ -338,9 +338,10 @@ class PPOTrainer:
                                                    self.bf16)
             del logits
             m = mask.to(logps.device).float()
-            at = lambda x: x[rows].to(logps.device)  # noqa: E731
-            pg, pg_clipped = RL.clipped_policy_loss(logps, at(ro.logps), at(ro.advantages), p.clip_range)
-            vf, vf_clipped = RL.clipped_value_loss(values, at(ro.values), at(ro.returns), p.value_clip)
+            old_logps, adv, old_values, returns = (x[rows].to(logps.device) for x in
+                                                   (ro.logps, ro.advantages, ro.values, ro.returns))
+            pg, pg_clipped = RL.clipped_policy_loss(logps, old_logps, adv, p.clip_range)
+            vf, vf_clipped = RL.clipped_value_loss(values, old_values, returns, p.value_clip)
             # A sum over tokens divided by the mini-batch's token count: the micro-batches add
             # up to the token mean of the whole mini-batch.
             loss = ((pg + p.vf_coef * vf) * m).sum() / n_tok
@@ -349,7 +350,7 @@ class PPOTrainer:
             sums["value_loss"] += float((vf.detach() * m).sum())
             sums["clipfrac"] += float((pg_clipped.float() * m).sum())
             sums["value_clipfrac"] += float((vf_clipped.float() * m).sum())
-            sums["approx_kl"] += float((0.5 * (logps.detach() - at(ro.logps)) ** 2 * m).sum())
+            sums["approx_kl"] += float((0.5 * (logps.detach() - old_logps) ** 2 * m).sum())
         return sums
 
     # ------------------------------------------------------------------ the loop

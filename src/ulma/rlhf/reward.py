@@ -53,14 +53,19 @@ def resolve_loss(setting: str, examples: list) -> str:
     return "bce"
 
 
-def as_pairs(examples: list, where: str) -> list:
+def as_pairs(examples: list) -> list:
     """Pairs for Bradley-Terry: pairs as they are, point-wise examples paired within a prompt
     (every higher/lower label combination, :func:`~ulma.data.schema.pointwise_to_pairs`)."""
     pairs = [e for e in examples if e.kind == "pair"]
-    pairs += pointwise_to_pairs(as_kind([e for e in examples if e.kind != "pair"], "pointwise"))
+    return pairs + pointwise_to_pairs(as_kind([e for e in examples if e.kind != "pair"], "pointwise"))
+
+
+def training_pairs(examples: list) -> list:
+    """:func:`as_pairs`, refusing data that yields none."""
+    pairs = as_pairs(examples)
     if examples and not pairs:
-        raise ConfigError(f"reward.loss: bradley_terry needs pairs, and the {where} data has no two responses "
-                          "to one prompt with different labels; use reward.loss=bce or mse")
+        raise ConfigError("reward.loss: bradley_terry needs pairs, and the training data has no two responses to "
+                          "one prompt with different labels; use reward.loss=bce or mse")
     return pairs
 
 
@@ -121,19 +126,18 @@ def unit_losses(loss: str, scores: torch.Tensor, labels: torch.Tensor, positive:
 # ------------------------------------------------------------------ evaluation
 
 
-def evaluate_scores(scores: torch.Tensor, data, labelled: list, loss: str, cfg: Config) -> dict:
-    """Held-out metrics from the scores of every row of the eval table.
+def evaluate_scores(scores: torch.Tensor, ev, labelled: list, loss: str, method_cfg, bins: int = 10) -> dict:
+    """Held-out metrics from the scores ``[len(ev.table)]`` of every row of an EvalSet ``ev``.
 
     ``labelled``: ``(row, label, binary)`` of the held-out point-wise examples (pairs count
     as chosen z=1, rejected z=0).  Spearman against continuous human scores; calibration
     of sigma(r) against binary labels when the model was trained to predict them (bce).
     """
-    ev = data.eval
     acc, ties = reward_accuracy(scores, ev.pairs)
     out = {"pair_accuracy": acc, "pair_ties": ties, "pairs": len(ev.pairs), "reward_mean": float(scores.mean()),
            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0}
     if len(ev.units):
-        out["loss"] = float(heldout_loss(scores, ev.units, loss, cfg.method).mean())
+        out["loss"] = float(heldout_loss(scores, ev.units, loss, method_cfg).mean())
     cont = [(r, z) for r, z, b in labelled if not b]
     if cont:
         s, z = scores[[r for r, _ in cont]], torch.tensor([z for _, z in cont])
@@ -141,7 +145,7 @@ def evaluate_scores(scores: torch.Tensor, data, labelled: list, loss: str, cfg: 
     binary = [(r, z) for r, z, b in labelled if b]
     if binary and loss == "bce":
         s, z = scores[[r for r, _ in binary]], torch.tensor([z for _, z in binary])
-        out.update(calibration(s, z, cfg.reward.calibration_bins))
+        out.update(calibration(s, z, bins))
         out["label_accuracy"] = label_accuracy(scores, [(r, z == 1) for r, z in binary])
     return out
 
@@ -258,7 +262,7 @@ class RewardTrainer:
         kind = "pair" if self.loss == "bradley_terry" else "pointwise"
         unit_train, unit_eval = train_ex, eval_ex
         if kind == "pair":
-            unit_train, unit_eval = as_pairs(train_ex, "training"), as_pairs(eval_ex, "held-out")
+            unit_train, unit_eval = training_pairs(train_ex), as_pairs(eval_ex)
         task = Method("reward", None, kind, needs_reference=False)
         self.data = prepare(cfg, self.tokenizer, task, (unit_train, unit_eval, skipped))
         self.labelled = labelled_rows(eval_ex, self.tokenizer, cfg.data.max_length, self.data.eval.table)
@@ -336,7 +340,8 @@ class RewardTrainer:
     def _evaluate(self, step: int) -> dict:
         scores = table_scores(self.model, self.data.eval.table, self.pad_id, self.cfg.train.micro_batch_size,
                               self.bf16, self.cfg.train.progress)
-        metrics = evaluate_scores(scores, self.data, self.labelled, self.loss, self.cfg)
+        metrics = evaluate_scores(scores, self.data.eval, self.labelled, self.loss, self.cfg.method,
+                                  self.cfg.reward.calibration_bins)
         self.log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 
