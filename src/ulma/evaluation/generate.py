@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ulma.data.schema import DataError
-from ulma.data.tokenize import Tokenizer
+from ulma.data.tokenize import Tokenizer, left_pad
 from ulma.evaluation.io import EvalError, append_jsonl, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 
 
@@ -58,17 +58,6 @@ def cut_at_stop(ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
         if t in stops:
             return ids[:k], True
     return ids, False
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask [B, T], padded on the left (decoder-only generation)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ import torch
 from ulma import checkpoint as ckpt
 from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split
-from ulma.data.tokenize import Tokenizer, fit
+from ulma.data.tokenize import Tokenizer, fit, left_pad
 from ulma.logprobs import autocast, token_logps, use_bf16
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 from ulma.rlhf import losses as RL
@@ -58,17 +58,6 @@ def encode_prompts(tokenizer, prompts: list, limit: int) -> tuple[list[list[int]
         out.append(ids)
         cut.append(bool(was_cut))
     return out, cut
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids [N, P], attention_mask [N, P])``, padded on the left (for generation)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        attn[i, width - len(s) :] = 1
-    return ids, attn
 
 
 def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
