@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import random
 import time
 from pathlib import Path
@@ -165,7 +166,7 @@ class Trainer:
                 balance=m.balance,
             )
             # DDP averages gradients over processes; our loss is already a global mean.
-            ctx = self.acc.no_sync(self.model) if k < len(micro) - 1 else _null()
+            ctx = self.acc.no_sync(self.model) if k < len(micro) - 1 else nullcontext()
             with ctx:
                 self.acc.backward(loss * world)
             stats["loss"] += loss.item()
@@ -323,14 +324,6 @@ class Trainer:
             ckpt.atomic_save_model(final, self.acc.unwrap_model(self.model), self.tokenizer, state_dict)
             ckpt.atomic_write_json(self.out / "results.json", results)
         return results
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # Methods that are not a loss over log-probs run their own loop: name -> "module:function(cfg)".
