@@ -142,12 +142,12 @@ class Config:
 # ------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
-    """Read ``path`` (YAML) and apply ``key=value`` overrides (values parsed as YAML)."""
+def load_raw(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """Read ``path`` (YAML) and apply ``key=value`` overrides (values parsed as YAML): the
+    untyped mapping that :func:`from_dict` turns into a config."""
     raw: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
@@ -155,7 +155,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value))
-    return from_dict(Config, raw)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Read ``path`` (YAML) and apply ``key=value`` overrides (values parsed as YAML)."""
+    return from_dict(Config, load_raw(path, overrides))
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:

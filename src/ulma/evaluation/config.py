@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
-
-from ulma.config import ConfigError, _set_dotted, from_dict
+from ulma.config import ConfigError, from_dict, load_raw
 
 CRITERIA = ("helpful", "harmless")  # the two criteria of the paper's Appendix B prompt
 
@@ -75,17 +73,7 @@ class EvalConfig:
 
 def load_eval_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> EvalConfig:
     """Read ``path`` (YAML) and apply ``key=value`` overrides, then check cross-field rules."""
-    raw: dict = {}
-    if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
-    cfg = from_dict(EvalConfig, raw)
+    cfg = from_dict(EvalConfig, load_raw(path, overrides))
     validate_eval(cfg)
     return cfg
 
