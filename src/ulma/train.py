@@ -82,6 +82,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = prepare(cfg, self.tokenizer, self.method)
         self.model = load_policy(cfg.model, self.acc.device)
+        if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and no_sync
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.bf16 = use_bf16(cfg.train.bf16, self.acc.device)
         ckpt.check_space(self.out, self.model, self.tokenizer, cfg.train.keep_checkpoints)
         keep_copy = cfg.model.reference == "live" and self.method.needs_reference

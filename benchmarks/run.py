@@ -1,0 +1,218 @@
+"""ulma vs TRL, side by side, alternating, in one run: ``make bench``.
+
+Runs each workload of workloads.py in its own process (so peak memory is its own),
+ulma and TRL alternating within each pair and the order flipping every round, so a
+slow spell of a shared machine hits both. Prints one table and writes it, with the
+machine's description, to benchmarks/results/<time>.json and results/latest.{json,md}.
+
+Same model (SmolLM2-135M-Instruct, offline), same rows (Anthropic HH harmless pairs
+whose prompt + reply fit in 256 tokens), micro-batch 8, max length 256, fp32 unless
+bf16 matrix products are fast here (they are emulated on CPUs without AMX/AVX512-BF16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.part.jsonl.gz"
+
+# (ulma workload, baseline workload, what is compared)
+PAIRS = [
+    ("ulma-ulma-lora", "trl-kto-lora", "ULMA vs TRL KTOTrainer, LoRA r=8"),
+    ("ulma-ulma-full", "trl-kto-full", "ULMA vs TRL KTOTrainer, full fine-tuning"),
+    ("ulma-dpo-lora", "trl-dpo-lora", "DPO vs TRL DPOTrainer, LoRA r=8"),
+    ("ulma-dpo-full", "trl-dpo-full", "DPO vs TRL DPOTrainer (precomputed reference), full"),
+    ("ulma-ulma-lora", "ulma-ulma-lora-checkpointed", "no gradient checkpointing (off by default: a memory lever)"),
+    ("forward-ulma", "forward-plain", "reference log-probs vs plain model(**batch) + fp32 log_softmax"),
+    ("generate-ulma", "generate-plain", "greedy generation, batched vs model.generate per prompt"),
+]
+
+# (ulma as shipped, ulma with one speed lever off, the lever)
+LEVERS = [
+    ("ulma-ulma-lora", "ulma-ulma-lora-ungrouped", "batches grouped by length"),
+    ("ulma-ulma-lora", "ulma-ulma-lora-live-reference", "reference log-probs precomputed (vs a reference forward per step)"),
+    ("ulma-ulma-lora", "ulma-ulma-lora-checkpointed", "no gradient checkpointing (off by default: a memory lever)"),
+    ("forward-ulma", "forward-plain", "forward-only: length-sorted batches, logits only from the response on, "
+                                      "chunked float32 logsumexp (vs plain loop)"),
+]
+
+
+def write_data(out: Path, n_pairs: int, max_tokens: int) -> dict:
+    """The same rows for every tool: TRL's conversational formats, which ulma reads as they are."""
+    from transformers import AutoTokenizer
+
+    from ulma.data.sources import load_source
+    from ulma.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    loaded = load_source("hh", str(HH), on_error="skip")
+
+    def fits(prompt, reply) -> bool:
+        msgs = list(prompt) + [{"role": "assistant", "content": reply}]
+        return len(tok.apply_chat_template(msgs, tokenize=True)) <= max_tokens
+
+    pairs = [e for e in loaded.examples if fits(e.prompt, e.chosen) and fits(e.prompt, e.rejected)][:n_pairs]
+    with open(out / "pairs.jsonl", "w") as f, open(out / "unpaired.jsonl", "w") as g:
+        for e in pairs:
+            prompt = [dict(t) for t in e.prompt]
+            chosen = [{"role": "assistant", "content": e.chosen}]
+            rejected = [{"role": "assistant", "content": e.rejected}]
+            f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+            g.write(json.dumps({"prompt": prompt, "completion": chosen, "label": True}) + "\n")
+            g.write(json.dumps({"prompt": prompt, "completion": rejected, "label": False}) + "\n")
+    return {"source": str(HH), "pairs": len(pairs), "unpaired_rows": 2 * len(pairs), "max_tokens": max_tokens}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "versions": _versions()}
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for p in ("transformers", "peft", "accelerate", "trl", "ulma"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def precision(setting: str) -> str:
+    import torch
+
+    from ulma.logprobs import bf16_is_fast
+
+    if setting != "auto":
+        return setting
+    return "bf16" if bf16_is_fast(torch.device("cuda" if torch.cuda.is_available() else "cpu")) else "fp32"
+
+
+def run_one(name: str, data: Path, work: Path, steps: int, args) -> dict:
+    out = work / f"{name}.json"
+    cmd = [sys.executable, str(HERE / "workloads.py"), name, "--data", str(data), "--work", str(work / name),
+           "--out", str(out), "--steps", str(steps), "--rows", str(args.rows), "--new-tokens", str(args.new_tokens)]
+    print(f"  {name} ...", end="", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stdout.write("\n" + proc.stdout[-3000:] + proc.stderr[-6000:])
+        raise SystemExit(f"workload {name} failed (exit {proc.returncode})")
+    result = json.loads(out.read_text())
+    print(f" {sum(result.get('seconds', [0])):.1f} s measured, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+    return result
+
+
+def collect(runs: list[dict], warmup: int) -> dict:
+    """Measured steps of every round (the first ``warmup`` of each process dropped)."""
+    secs = [s for r in runs for s in r["seconds"][warmup:]]
+    toks = [t for r in runs for t in r["tokens"][warmup:]]
+    return {"s_per_step": statistics.median(secs), "tokens_per_s": sum(toks) / sum(secs), "steps": len(secs),
+            "seconds": secs, "tokens": toks, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "params": runs[0].get("params"), "trainable": runs[0].get("trainable"),
+            "setup_seconds": runs[0].get("setup_seconds")}
+
+
+def table(results: dict, peak: dict) -> str:
+    lines = ["| run | ulma s/step | baseline s/step | ulma tokens/s | baseline tokens/s | speed-up | "
+             "ulma peak RSS MB | baseline peak RSS MB | memory ratio | ulma MFU (fp32 peak / bf16 peak) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for a, b, what in PAIRS:
+        if a not in results or b not in results:
+            continue
+        ra, rb = results[a], results[b]
+        mfu = "—"
+        if a.endswith("-full"):
+            flops = 6 * ra["params"] * ra["tokens_per_s"]
+            mfu = f"{flops / peak['fp32']:.1%} / {flops / peak['bf16']:.1%}"
+        speed = ra["tokens_per_s"] / rb["tokens_per_s"]
+        lines.append(f"| {what} | {ra['s_per_step']:.2f} | {rb['s_per_step']:.2f} | {ra['tokens_per_s']:.0f} | "
+                     f"{rb['tokens_per_s']:.0f} | **{speed:.2f}x** | {ra['peak_rss_mb']:.0f} | "
+                     f"{rb['peak_rss_mb']:.0f} | {ra['peak_rss_mb'] / rb['peak_rss_mb']:.2f} | {mfu} |")
+    return "\n".join(lines)
+
+
+def lever_table(results: dict) -> str:
+    lines = ["| lever | on: tokens/s | off: tokens/s | speed gain | on: peak RSS MB | off: peak RSS MB |",
+             "|---|---|---|---|---|---|"]
+    for on, off, what in LEVERS:
+        if on in results and off in results:
+            a, b = results[on], results[off]
+            lines.append(f"| {what} | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | "
+                         f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="ulma vs TRL, side by side")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; each process runs its own steps")
+    p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per process and round")
+    p.add_argument("--warmup", type=int, default=1, help="steps per process not measured")
+    p.add_argument("--pairs", type=int, default=200, help="HH pairs written for the workloads")
+    p.add_argument("--rows", type=int, default=64, help="rows for forward-only and prompts for generation")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--only", nargs="*", help="workload pairs to run (their ulma names)")
+    p.add_argument("--no-levers", action="store_true", help="skip the runs with one speed lever off")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 where its matrix products are fast (GPU, AMX/AVX512-BF16 CPU), else fp32")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    os.environ["BENCH_BF16"] = "1" if precision(args.precision) == "bf16" else "0"
+    pairs = [x[:2] for x in PAIRS if not args.only or x[0] in args.only]
+    if not args.no_levers:
+        pairs += [(off,) for on, off, _ in LEVERS if off not in {n for pr in pairs for n in pr}]
+    with tempfile.TemporaryDirectory(prefix="ulma-bench-") as tmp:
+        tmp = Path(tmp)
+        data = write_data(tmp, args.pairs, 250)
+        runs: dict[str, list] = {}
+        peak = run_one("matmul-peak", tmp, tmp, 0, args)
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds}", flush=True)
+            for pair in pairs:
+                for name in (pair if r % 2 == 0 else pair[::-1]):
+                    steps = args.warmup + args.steps if not name.startswith(("forward", "generate")) else 0
+                    runs.setdefault(name, []).append(run_one(name, tmp, tmp, steps, args))
+    results = {n: collect(v, args.warmup if not n.startswith(("forward", "generate")) else 0)
+               for n, v in runs.items()}
+    md = table(results, peak["flops"]) + "\n\n" + lever_table(results)
+    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "data": data,
+              "settings": {"micro_batch": 8, "max_length": 256, "lr": 1e-5, **vars(args),
+                           "precision": precision(args.precision),
+                           "out": str(args.out)},
+              "matmul_peak_flops": peak["flops"], "results": results, "table": md,
+              "command": "make bench  (= benchmarks/.venv/bin/python benchmarks/run.py " + " ".join(argv or sys.argv[1:]) + ")"}
+    print("\n" + md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = report["date"].replace(":", "-")
+    for path in (args.out / f"{stamp}.json", args.out / "latest.json"):
+        tmp_path = path.with_suffix(".tmp")
+        tmp_path.write_text(json.dumps(report, indent=1))
+        os.replace(tmp_path, path)
+    (args.out / "latest.md").write_text(f"{md}\n\nMachine: {json.dumps(report['machine'])}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

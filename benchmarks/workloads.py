@@ -1,0 +1,300 @@
+"""One benchmark workload per process: ``python workloads.py NAME --data DIR --out FILE``.
+
+Each workload runs in its own process so that its peak resident memory (ru_maxrss) is
+its own, and writes one JSON object: per-step seconds, tokens per step, peak RSS.
+Runs in the benchmark's environment (benchmarks/.venv), which has TRL; ulma never
+imports TRL.
+
+Token counts are non-padding tokens of the sequences a step trains on (prompt +
+response, both tools count their own batches' attention masks); TRL KTO's extra
+KL-estimate sequences are work TRL chooses to do and are not counted as throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MAX_LENGTH = 256
+MICRO = 8
+LR = 1e-5
+BETA = 0.1
+# run.py decides the precision once for both tools: bf16 where its matrix products are fast.
+BF16 = os.environ.get("BENCH_BF16", "0") == "1"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory of this process (Linux reports KiB), and peak GPU memory on a GPU."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if DEVICE.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def model_path() -> str:
+    from ulma.models import resolve_model_path
+
+    return resolve_model_path("smollm2-135m-instruct")
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- ulma
+
+
+def ulma_config(method: str, lora: bool, data: Path, steps: int, out: Path, **overrides):
+    from ulma.config import Config, from_dict
+
+    pairs = method == "dpo"
+    return from_dict(Config, {
+        "model": {"name_or_path": "smollm2-135m-instruct", "lora": {"enabled": lora}},
+        "data": {"train": {"source": "jsonl", "path": str(data / ("pairs.jsonl" if pairs else "unpaired.jsonl"))},
+                 "eval_fraction": 0.05, "eval_limit": 8, "max_length": MAX_LENGTH},
+        "method": {"name": method, "beta": BETA},
+        "train": {"output_dir": str(out), "overwrite": True, "max_steps": steps, "micro_batch_size": MICRO,
+                  "grad_accum": 1, "lr": LR, "warmup_ratio": 0.0, "eval_every": 0, "save_every": 0,
+                  "progress": False, "bf16": BF16, **overrides.pop("train", {})},
+        **overrides,
+    })
+
+
+def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **overrides) -> dict:
+    """ulma's own Trainer: reference log-probs precomputed once, then timed optimizer steps.
+
+    ``overrides`` switch a speed lever off, e.g. train={"group_by_length": False}."""
+    from ulma.train import Trainer
+
+    trainer = Trainer(ulma_config(method, lora, data, steps, work, **overrides))
+    t0 = time.perf_counter()
+    ref_train, _ = trainer._reference_caches()
+    precompute = time.perf_counter() - t0
+    units = trainer.data.train
+    trainer.model.train()
+    seconds, tokens = [], []
+    for step in range(steps):
+        micro = trainer.plan[step]  # grad_accum = 1: one micro-batch per step
+        t0 = time.perf_counter()
+        trainer.train_step(step, ref_train)
+        seconds.append(time.perf_counter() - t0)
+        tokens.append(sum(len(units.table.sequences[r].input_ids) for i in micro for r in units.rows[i]))
+    return {"seconds": seconds, "tokens": tokens, "setup_seconds": {"reference_precompute": precompute},
+            "params": n_params(trainer.model), "trainable": sum(p.numel() for p in trainer.model.parameters()
+                                                                 if p.requires_grad)}
+
+
+# ---------------------------------------------------------------------- TRL
+
+
+def run_trl(kind: str, lora: bool, data: Path, steps: int, work: Path, precompute: bool) -> dict:
+    """TRL's KTOTrainer / DPOTrainer on the same rows, batch, length and precision."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    path = model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ds = load_dataset("json", data_files=str(data / ("pairs.jsonl" if kind == "dpo" else "unpaired.jsonl")),
+                      split="train")
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    common = dict(output_dir=str(work), per_device_train_batch_size=MICRO, gradient_accumulation_steps=1,
+                  learning_rate=LR, max_steps=steps, lr_scheduler_type="constant", logging_steps=10_000,
+                  save_strategy="no", report_to=[], bf16=BF16, use_cpu=DEVICE.type == "cpu", max_length=MAX_LENGTH,
+                  beta=BETA, precompute_ref_log_probs=precompute, dataloader_num_workers=0, seed=0,
+                  disable_tqdm=True)
+    if kind == "dpo":
+        from trl import DPOConfig as Cfg, DPOTrainer as Base
+    else:
+        from trl import KTOConfig as Cfg, KTOTrainer as Base
+
+    seconds, tokens, pending = [], [], {}
+
+    class Timed(Base):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            pending["tokens"] = int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            pending["t0"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            seconds.append(time.perf_counter() - pending["t0"])
+            tokens.append(pending["tokens"])
+
+    trainer = Timed(model=model, args=Cfg(**common), train_dataset=ds, processing_class=tok,
+                    peft_config=peft_config, callbacks=[Clock()])
+    t0 = time.perf_counter()
+    trainer.train()
+    return {"seconds": seconds, "tokens": tokens, "train_call_seconds": time.perf_counter() - t0,
+            "params": n_params(trainer.model),
+            "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+
+
+# ---------------------------------------------------------------------- forward-only
+
+
+def _forward_rows(data: Path, n: int):
+    from ulma.data.sources import load_source
+    from ulma.data.tokenize import SequenceTable, Tokenizer
+    from ulma.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path())
+    tok = Tokenizer(tokenizer, max_length=MAX_LENGTH)
+    table = SequenceTable()
+    for e in load_source("jsonl", str(data / "unpaired.jsonl")).examples[:n]:
+        tok.add(table, e.prompt, e.response, e.origin)
+    return tokenizer, table
+
+
+def run_forward(impl: str, data: Path, n: int) -> dict:
+    """Reference log-probs of n rows: ulma's table_logps vs a plain loop.
+
+    The plain loop is what one writes first: rows in file order in batches of 8,
+    ``model(**batch)`` over every position, a float32 log-softmax over the vocabulary,
+    gather; no_grad in both."""
+    from transformers import AutoModelForCausalLM
+
+    from ulma.data.tokenize import pad_rows
+    from ulma.evaluation.metrics import table_logps
+
+    tokenizer, table = _forward_rows(data, n)
+    model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32).to(DEVICE).eval()
+    tokens = sum(len(s.input_ids) for s in table.sequences)
+    t0 = time.perf_counter()
+    if impl == "ulma":
+        out = table_logps(model, table, tokenizer.pad_token_id, MICRO, bf16=BF16, progress=False)["sum"]
+    else:
+        sums = []
+        cast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16)
+        with torch.no_grad(), cast:
+            for s in range(0, len(table), MICRO):
+                b = {k: v.to(DEVICE) for k, v in pad_rows(table, list(range(s, min(s + MICRO, len(table)))),
+                                                          tokenizer.pad_token_id).items()}
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
+                picked = logp.gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+                sums.append((picked * b["loss_mask"][:, 1:]).sum(-1))
+        out = torch.cat(sums)
+    secs = time.perf_counter() - t0
+    return {"seconds": [secs], "tokens": [tokens], "checksum": float(out.double().sum())}
+
+
+# ---------------------------------------------------------------------- generation
+
+
+def run_generate(impl: str, data: Path, n: int, new_tokens: int) -> dict:
+    """Greedy answers to n prompts: ulma's batched generator vs model.generate per prompt."""
+    from transformers import AutoModelForCausalLM
+
+    from ulma.data.sources import load_source
+    from ulma.evaluation.generate import GenerateConfig, generate_batch, prompt_tokens
+    from ulma.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path())
+    dtype = torch.bfloat16 if BF16 else torch.float32  # generation: weights in the compute precision
+    model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=dtype).to(DEVICE).eval()
+    prompts = [e.prompt for e in load_source("jsonl", str(data / "unpaired.jsonl")).examples[: 2 * n : 2]]
+    ids = prompt_tokens(tokenizer, prompts, MAX_LENGTH - new_tokens)
+    cfg = GenerateConfig(max_new_tokens=new_tokens, do_sample=False)
+    t0 = time.perf_counter()
+    made = 0
+    if impl == "ulma":
+        for s in range(0, len(ids), MICRO):
+            made += sum(len(r["tokens"]) for r in generate_batch(model, tokenizer, ids[s : s + MICRO], cfg))
+    else:
+        with torch.no_grad():
+            for p in ids:
+                out = model.generate(input_ids=torch.tensor([p], device=DEVICE), max_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                made += out.shape[1] - len(p)
+    return {"seconds": [time.perf_counter() - t0], "tokens": [made]}
+
+
+# ---------------------------------------------------------------------- the matmul peak
+
+
+def run_matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
+    """Best-of-``repeats`` throughput of a square matrix product, fp32 and bf16 (FLOP/s)."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        # Emulated bf16 (CPUs without AMX/AVX512-BF16) is ~250x slower: a 2048 product takes
+        # minutes there, so measure a smaller one (its rate is what MFU is relative to).
+        n = size if dtype == torch.float32 or BF16 else size // 4
+        a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = 2 * n**3 / best
+    return {"flops": out, "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------- main
+
+WORKLOADS = {
+    "ulma-ulma-lora": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work),
+    "ulma-ulma-full": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work),
+    # levers switched off, one at a time
+    "ulma-ulma-lora-ungrouped": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
+                                                   train={"group_by_length": False}),
+    "ulma-ulma-lora-checkpointed": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
+                                                      train={"gradient_checkpointing": True}),
+    "ulma-ulma-lora-live-reference": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
+                                                        model={"name_or_path": "smollm2-135m-instruct",
+                                                               "lora": {"enabled": True}, "reference": "live"}),
+    "ulma-dpo-lora": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work),
+    "ulma-dpo-full": lambda a: run_ulma("dpo", False, a.data, a.steps, a.work),
+    "trl-kto-lora": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False),
+    "trl-kto-full": lambda a: run_trl("kto", False, a.data, a.steps, a.work, precompute=False),
+    "trl-dpo-lora": lambda a: run_trl("dpo", True, a.data, a.steps, a.work, precompute=False),
+    "trl-dpo-full": lambda a: run_trl("dpo", False, a.data, a.steps, a.work, precompute=True),
+    "forward-ulma": lambda a: run_forward("ulma", a.data, a.rows),
+    "forward-plain": lambda a: run_forward("plain", a.data, a.rows),
+    "generate-ulma": lambda a: run_generate("ulma", a.data, a.rows, a.new_tokens),
+    "generate-plain": lambda a: run_generate("plain", a.data, a.rows, a.new_tokens),
+    "matmul-peak": lambda a: run_matmul_peak(),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=sorted(WORKLOADS))
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    result = WORKLOADS[a.name](a)
+    result.update(name=a.name, pid=os.getpid(), **peak_memory_mb())
+    tmp = a.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
