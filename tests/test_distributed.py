@@ -53,7 +53,7 @@ FSDP_CPU = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsd
 needs_accelerate = pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate is not installed beside this python")
 
 
-def _accelerate_launch(config: Path, args: list[str]) -> None:
+def _accelerate_launch(config: Path, args: list[str], launch: tuple[str, ...] = ()) -> None:
     import os
 
     import ulma
@@ -61,7 +61,7 @@ def _accelerate_launch(config: Path, args: list[str]) -> None:
     src = str(Path(ulma.__file__).resolve().parents[1])  # the processes import this ulma, not another install
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
     r = subprocess.run([str(ACCELERATE), "launch", "--config_file", str(config), "--main_process_port", "0",
-                        "-m", "ulma", *args], capture_output=True, text=True, timeout=300, env=env)
+                        *launch, "-m", "ulma", *args], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -132,3 +132,41 @@ def test_fsdp_full_finetuning_resumes_and_writes_full_checkpoints(tiny_model_dir
     for i, name in enumerate(names):
         for key in ("exp_avg", "exp_avg_sq"):
             assert _close(o1["state"][i][key], o2["state"][name][key], rel=1e-4), (name, key)
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO on the CPU
+# DeepSpeed's CPU accelerator talks gloo when oneCCL is not installed; ulma fixes accelerate's
+# process counts there (ulma.train.make_accelerator).  Runs where deepspeed is installed.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@needs_accelerate
+@pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed")
+@pytest.mark.parametrize("config,extra,weights", [
+    ("zero2.yaml", [], "adapter_model.safetensors"),  # LoRA, ZeRO-2
+    ("zero3.yaml", ["model.lora.enabled=false", "train.lr=1e-3"], "model.safetensors"),  # full, ZeRO-3
+])
+def test_deepspeed_two_processes_match_one(config, extra, weights, tiny_model_dir, pointwise_file, tmp_path):
+    import json
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_here(_args(tiny_model_dir, pointwise_file, one, 4) + extra)
+    _accelerate_launch_n(CONFIGS / config, _args(tiny_model_dir, pointwise_file, two, 2) + extra)
+    assert json.loads((two / "results.json").read_text())["distributed"] == "DEEPSPEED"
+    l1, l2 = _losses(one), _losses(two)
+    assert len(l1) == len(l2) == 3 * 3 and l1 == pytest.approx(l2, rel=1e-4)
+    w1, w2 = load_file(str(one / "final" / weights)), load_file(str(two / "final" / weights))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+def _accelerate_launch_n(config: Path, args: list[str]) -> None:
+    """The shipped GPU config, with 2 processes."""
+    _accelerate_launch(config, args, launch=["--num_processes", "2"])

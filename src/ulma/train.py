@@ -67,20 +67,32 @@ def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_le
 
 
 def make_accelerator():
-    """The run's Accelerator; FSDP2 also on the CPU (gloo).
+    """The run's Accelerator; FSDP2 and DeepSpeed ZeRO also on the CPU (gloo).
 
     accelerate turns an FSDP config into FSDP only on GPU-like devices: with
     ``use_cpu: true`` it silently runs plain DDP instead.  FSDP2 (``fully_shard``) itself
     runs on the CPU over gloo, so a multi-process CPU run launched with an FSDP config is
     switched to accelerate's FSDP2 path here (for tests and debugging without a GPU).
     FSDP1 cannot compute on the CPU (its compute device is always a GPU): an error.
+    DeepSpeed is only used by accelerate with ``cpu=False``; on the CPU it then needs the
+    process counts fixed.
     """
     import os
 
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    acc = Accelerator(cpu=not torch.cuda.is_available() and not wants_deepspeed)
+    if wants_deepspeed and not torch.cuda.is_available() and acc.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's CPU accelerator (gloo without oneCCL) runs ZeRO on the CPU, but accelerate
+        # counts 1 process there: take the counts from the process group it initialised.
+        import torch.distributed as dist
+
+        counts = {"num_processes": dist.get_world_size(), "process_index": dist.get_rank(),
+                  "local_process_index": int(os.environ.get("LOCAL_RANK", 0))}
+        PartialState._shared_state.update(counts)
+        acc.state.__dict__.update(counts)
     wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if wants_fsdp and acc.distributed_type == DistributedType.MULTI_CPU:
         plugin = FullyShardedDataParallelPlugin()  # read from the same environment accelerate launch set
@@ -116,6 +128,9 @@ class Trainer:
         self.reference = Reference(self.model, keep_copy=keep_copy)
         if self.reference.copy is not None and self.fsdp:
             self._broadcast(self.reference.copy)
+        if self.resume_from is not None and self.deepspeed:
+            raise RuntimeError("train.resume under DeepSpeed is not supported yet: its checkpoints hold process 0's "
+                               "optimizer partition only (resume with DDP or FSDP instead)")
         if self.resume_from is not None:  # before the model is sharded: a plain load of the full weights
             ckpt.load_weights(self.model, self.resume_from / "model")
         self.pad_id = self.tokenizer.pad_token_id
@@ -139,6 +154,10 @@ class Trainer:
         for t in [*module.parameters(), *module.buffers()]:
             dist.broadcast(t.data, src=0)
 
+    @property
+    def deepspeed(self) -> bool:
+        return self.acc.distributed_type.value == "DEEPSPEED"
+
     def _distributed_name(self) -> str:
         """How the run was distributed, as accelerate names it (NO, MULTI_CPU, MULTI_GPU, DEEPSPEED, FSDP, FSDP2)."""
         name = self.acc.distributed_type.value
@@ -159,6 +178,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.min_lr_ratio)
         )
+        if self.deepspeed:  # no dataloader goes through prepare() to tell DeepSpeed the batch size
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+            ds["gradient_clipping"] = t.max_grad_norm  # DeepSpeed clips inside its engine
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
 
     def _micro_per_epoch(self) -> int:
@@ -225,7 +248,10 @@ class Trainer:
                 balance=m.balance,
             )
             # DDP averages gradients over processes; our loss is already a global mean.
-            ctx = self.acc.no_sync(self.model) if k < len(micro) - 1 else nullcontext()
+            last = k == len(micro) - 1
+            ctx = self.acc.no_sync(self.model) if not last else nullcontext()
+            if self.deepspeed:  # accelerate's DeepSpeed backward steps the engine whenever gradients
+                self.acc.sync_gradients = last  # sync: only after the step's last micro-batch
             with ctx:
                 self.acc.backward(loss * world)
             stats["loss"] += loss.item()
@@ -380,9 +406,9 @@ class Trainer:
         """The model's full state dict (all processes take part: gathers shards under
         ZeRO-3/FSDP).  Gathered weights no longer share storage, so a tied copy (lm_head =
         embeddings) would be saved twice: dropped here, as save_pretrained does for shared ones."""
-        state_dict = self.acc.get_state_dict(self.model)
+        state_dict = self.acc.get_state_dict(self.model)  # None on processes > 0 under ZeRO-3
         for target, source in getattr(self.acc.unwrap_model(self.model), "all_tied_weights_keys", {}).items():
-            if target in state_dict and source in state_dict:
+            if state_dict and target in state_dict and source in state_dict:
                 del state_dict[target]
         return state_dict
 
