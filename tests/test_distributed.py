@@ -42,3 +42,131 @@ def test_two_processes_match_one(tiny_model_dir, pointwise_file, tmp_path):
     w2 = load_file(str(two / "final" / "adapter_model.safetensors"))
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+# ---------------------------------------------------------------- FSDP2 on the CPU
+# accelerate runs an FSDP config on the CPU as plain DDP; ulma switches it to FSDP2 over gloo
+# (ulma.train.make_accelerator), so FSDP's sharded weights, gradients, optimizer states,
+# state-dict gathering and checkpoints are tested here without a GPU.
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+FSDP_CPU = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp_cpu.yaml"
+needs_accelerate = pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate is not installed beside this python")
+
+
+def _accelerate_launch(config: Path, args: list[str], launch: tuple[str, ...] = ()) -> None:
+    import os
+
+    import ulma
+
+    src = str(Path(ulma.__file__).resolve().parents[1])  # the processes import this ulma, not another install
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([str(ACCELERATE), "launch", "--config_file", str(config), "--main_process_port", "0",
+                        *launch, "-m", "ulma", *args], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _train_here(args: list[str]) -> None:
+    from ulma.config import load_config
+    from ulma.train import train
+
+    train(load_config(None, args[2:]))  # args[:2] == ["train", "/dev/null"]
+
+
+def _losses(out):
+    """Per step: the loss and its positive and negative group means (the reference enters the latter)."""
+    return [x for r in metrics(out) if "loss" in r for x in (r["loss"], r["loss_pos"], r["loss_neg"])]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
+    return float((a - b).abs().max()) <= rel * float(a.abs().max())
+
+
+@needs_accelerate
+def test_fsdp_two_processes_match_one_lora(tiny_model_dir, pointwise_file, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_here(_args(tiny_model_dir, pointwise_file, one, 4))
+    _accelerate_launch(FSDP_CPU, _args(tiny_model_dir, pointwise_file, two, 2))
+    import json
+
+    results = json.loads((two / "results.json").read_text())
+    assert (results["processes"], results["distributed"]) == (2, "FSDP2")  # not DDP in disguise
+    l1, l2 = _losses(one), _losses(two)
+    assert len(l1) == len(l2) == 3 * 3 and l1 == pytest.approx(l2, rel=1e-4)
+    w1 = load_file(str(one / "final" / "adapter_model.safetensors"))
+    w2 = load_file(str(two / "final" / "adapter_model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+@needs_accelerate
+def test_fsdp_full_finetuning_resumes_and_writes_full_checkpoints(tiny_model_dir, pointwise_file, tmp_path):
+    """Full fine-tuning with a live (frozen copy) reference: a 1-process run's checkpoint is
+    resumed by 2 FSDP processes (weights loaded before sharding, the optimizer state scattered
+    to the shards); they end where the uninterrupted run does, and the checkpoint they write
+    holds the full, gathered optimizer state and a model that from_pretrained loads."""
+    extra = ["model.lora.enabled=false", "model.reference=live", "train.lr=1e-3", "train.save_every=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_here(_args(tiny_model_dir, pointwise_file, one, 4) + extra)  # checkpoints after steps 2 and 3
+    shutil.copytree(one, two)  # ... and the same run interrupted after step 2
+    shutil.rmtree(two / "checkpoints" / "step-000003")
+    shutil.rmtree(two / "final")
+    (two / "results.json").unlink()
+    _accelerate_launch(FSDP_CPU, _args(tiny_model_dir, pointwise_file, two, 2) + extra + ["train.resume=true"])
+
+    assert [r["step"] for r in metrics(two) if "loss" in r] == [1, 2, 3]
+    assert _losses(one) == pytest.approx(_losses(two), rel=1e-4)
+    w1, w2 = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
+    assert w1.keys() == w2.keys()  # the tied lm_head is not written twice
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(two / "final").state_dict()
+    assert all(torch.equal(loaded[k], w2[k]) for k in w2)
+    # the optimizer state written under FSDP: keyed by parameter name, complete, equal to 1 process's
+    o1 = torch.load(one / "checkpoints" / "step-000003" / "trainer.pt", weights_only=False)["optimizer"]
+    o2 = torch.load(two / "checkpoints" / "step-000003" / "trainer.pt", weights_only=False)["optimizer"]
+    names = o2["param_groups"][0]["params"]
+    assert o1["param_groups"][0]["params"] == list(range(len(names)))
+    for i, name in enumerate(names):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert _close(o1["state"][i][key], o2["state"][name][key], rel=1e-4), (name, key)
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO on the CPU
+# DeepSpeed's CPU accelerator talks gloo when oneCCL is not installed; ulma fixes accelerate's
+# process counts there (ulma.train.make_accelerator).  Runs where deepspeed is installed.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@needs_accelerate
+@pytest.mark.skipif(not _has_deepspeed(), reason="deepspeed is not installed")
+@pytest.mark.parametrize("config,extra,weights", [
+    ("zero2.yaml", [], "adapter_model.safetensors"),  # LoRA, ZeRO-2
+    ("zero3.yaml", ["model.lora.enabled=false", "train.lr=1e-3"], "model.safetensors"),  # full, ZeRO-3
+])
+def test_deepspeed_two_processes_match_one(config, extra, weights, tiny_model_dir, pointwise_file, tmp_path):
+    import json
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_here(_args(tiny_model_dir, pointwise_file, one, 4) + extra)
+    _accelerate_launch_n(CONFIGS / config, _args(tiny_model_dir, pointwise_file, two, 2) + extra)
+    assert json.loads((two / "results.json").read_text())["distributed"] == "DEEPSPEED"
+    l1, l2 = _losses(one), _losses(two)
+    assert len(l1) == len(l2) == 3 * 3 and l1 == pytest.approx(l2, rel=1e-4)
+    w1, w2 = load_file(str(one / "final" / weights)), load_file(str(two / "final" / weights))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+def _accelerate_launch_n(config: Path, args: list[str]) -> None:
+    """The shipped GPU config, with 2 processes."""
+    _accelerate_launch(config, args, launch=["--num_processes", "2"])

@@ -33,11 +33,12 @@ def check_writable(out: Path) -> None:
 RUN_FILES = ("metrics.jsonl", "results.json", "reference_logps.pt", "checkpoints", "final")
 
 
-def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+def prepare_output(out: Path, *, resume: bool, overwrite: bool, delete: bool = True) -> None:
     """Check the output folder before any work: writable, and not silently mixing runs.
 
     A folder that holds an earlier run is an error unless ``resume`` (continue it) or
-    ``overwrite`` (delete that run's files first) is set.
+    ``overwrite`` (delete that run's files first) is set.  With several processes every
+    one checks (so all fail alike) and only the main one deletes (``delete``).
     """
     check_writable(out)
     existing = [name for name in RUN_FILES if (out / name).exists()]
@@ -48,6 +49,8 @@ def prepare_output(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"output folder {out} holds an earlier run ({', '.join(existing)}); "
             "set train.resume=true to continue it or train.overwrite=true to replace it"
         )
+    if not delete:
+        return
     for name in existing:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -146,14 +149,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2,
-                    state_dict: dict | None = None) -> Path:
+                    state_dict: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """``state_dict`` / ``optimizer_state``: the full (gathered) states when the model is
+    sharded (FSDP); by default the model's and optimizer's own."""
     target = out / "checkpoints" / f"step-{step:06d}"
     tmp = _atomic_dir(target)
     try:
         model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp / "model")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "trainer.pt")
+        optim = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
         _publish(tmp, target)
     finally:
@@ -184,8 +189,15 @@ def _prune(folder: Path, keep: int) -> None:
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG in place; returns state.json."""
     load_weights(model, path / "model")
+    return load_trainer_state(path, optimizer, scheduler)
+
+
+def load_trainer_state(path: Path, optimizer, scheduler, load_optimizer=None) -> dict:
+    """Restore optimizer, scheduler and RNG (not the weights); returns state.json.
+
+    ``load_optimizer(saved)`` replaces ``optimizer.load_state_dict`` (sharded optimizers)."""
     trainer = torch.load(path / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(trainer["optimizer"])
+    (load_optimizer or optimizer.load_state_dict)(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     set_rng_state(trainer["rng"])
     return json.loads((path / "state.json").read_text())

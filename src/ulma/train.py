@@ -26,7 +26,7 @@ from ulma.evaluation.metrics import evaluate, table_logps
 from ulma.logprobs import forward_logps, reduce_logps, use_bf16
 from ulma.losses import group_mean
 from ulma.methods import METHODS, LossInputs
-from ulma.models import Reference, load_policy, load_tokenizer, trainable_parameters
+from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,18 +66,58 @@ def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_le
     return batches
 
 
+def make_accelerator():
+    """The run's Accelerator; FSDP2 and DeepSpeed ZeRO also on the CPU (gloo).
+
+    accelerate turns an FSDP config into FSDP only on GPU-like devices: with
+    ``use_cpu: true`` it silently runs plain DDP instead.  FSDP2 (``fully_shard``) itself
+    runs on the CPU over gloo, so a multi-process CPU run launched with an FSDP config is
+    switched to accelerate's FSDP2 path here (for tests and debugging without a GPU).
+    FSDP1 cannot compute on the CPU (its compute device is always a GPU): an error.
+    DeepSpeed is only used by accelerate with ``cpu=False``; on the CPU it then needs the
+    process counts fixed.
+    """
+    import os
+
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    acc = Accelerator(cpu=not torch.cuda.is_available() and not wants_deepspeed)
+    if wants_deepspeed and not torch.cuda.is_available() and acc.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed's CPU accelerator (gloo without oneCCL) runs ZeRO on the CPU, but accelerate
+        # counts 1 process there: take the counts from the process group it initialised.
+        import torch.distributed as dist
+
+        counts = {"num_processes": dist.get_world_size(), "process_index": dist.get_rank(),
+                  "local_process_index": int(os.environ.get("LOCAL_RANK", 0))}
+        PartialState._shared_state.update(counts)
+        acc.state.__dict__.update(counts)
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wants_fsdp and acc.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # read from the same environment accelerate launch set
+        if plugin.fsdp_version != 2:
+            raise RuntimeError("FSDP on the CPU needs fsdp_version: 2 (FSDP1 computes on GPUs only); "
+                               "see configs/accelerate/fsdp_cpu.yaml")
+        acc.state.fsdp_plugin = plugin
+        acc.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+    return acc
+
+
 class Trainer:
     """Holds the pieces of one run; :meth:`run` is the loop."""
 
     def __init__(self, cfg: Config):
-        from accelerate import Accelerator
-
         validate(cfg)
         self.cfg = cfg
         self.method = METHODS[cfg.method.name]
-        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = make_accelerator()
         self.out = Path(cfg.train.output_dir)
-        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite,
+                            delete=self.acc.is_main_process)
+        self.acc.wait_for_everyone()
+        self.resume_from = ckpt.latest_checkpoint(self.out) if cfg.train.resume else None
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = prepare(cfg, self.tokenizer, self.method)
@@ -88,9 +128,47 @@ class Trainer:
         ckpt.check_space(self.out, self.model, self.tokenizer, cfg.train.keep_checkpoints)
         keep_copy = cfg.model.reference == "live" and self.method.needs_reference
         self.reference = Reference(self.model, keep_copy=keep_copy)
+        if self.reference.copy is not None and self.fsdp:
+            self._broadcast(self.reference.copy)
+        if self.resume_from is not None and self.deepspeed:
+            raise RuntimeError("train.resume under DeepSpeed is not supported yet: its checkpoints hold process 0's "
+                               "optimizer partition only (resume with DDP or FSDP instead)")
+        if self.resume_from is not None:  # before the model is sharded: a plain load of the full weights
+            ckpt.load_weights(self.model, self.resume_from / "model")
         self.pad_id = self.tokenizer.pad_token_id
         self._setup_optimizer()
+        if self.fsdp:  # FSDP1 wraps the model (FSDP2 shards it in place): pi_ref runs through the wrapper
+            self.reference.policy = self.model
         self.plan = self._plan()
+
+    @property
+    def fsdp(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.acc.distributed_type == DistributedType.FSDP
+
+    def _broadcast(self, module) -> None:
+        """Process 0's weights into ``module`` everywhere.  With FSDP's cpu_ram_efficient_loading
+        only process 0 loads the checkpoint (the others hold zeros until prepare() broadcasts
+        it into the policy), so a frozen reference copied before prepare() needs this."""
+        import torch.distributed as dist
+
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.acc.distributed_type.value == "DEEPSPEED"
+
+    def _distributed_name(self) -> str:
+        """How the run was distributed, as accelerate names it (NO, MULTI_CPU, MULTI_GPU, DEEPSPEED, FSDP, FSDP2)."""
+        name = self.acc.distributed_type.value
+        return "FSDP2" if self.fsdp and self.acc.is_fsdp2 else name
+
+    def _eval_model(self):
+        """The module to run gradient-free forwards on: under DDP the inner module (no
+        collectives), under FSDP the sharded model itself (it gathers its weights)."""
+        return self.model if self.fsdp else self.acc.unwrap_model(self.model)
 
     # ------------------------------------------------------------------ setup
     def _setup_optimizer(self) -> None:
@@ -102,6 +180,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.min_lr_ratio)
         )
+        if self.deepspeed:  # no dataloader goes through prepare() to tell DeepSpeed the batch size
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+            ds["gradient_clipping"] = t.max_grad_norm  # DeepSpeed clips inside its engine
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
 
     def _micro_per_epoch(self) -> int:
@@ -168,7 +250,10 @@ class Trainer:
                 balance=m.balance,
             )
             # DDP averages gradients over processes; our loss is already a global mean.
-            ctx = self.acc.no_sync(self.model) if k < len(micro) - 1 else nullcontext()
+            last = k == len(micro) - 1
+            ctx = self.acc.no_sync(self.model) if not last else nullcontext()
+            if self.deepspeed:  # accelerate's DeepSpeed backward steps the engine whenever gradients
+                self.acc.sync_gradients = last  # sync: only after the step's last micro-batch
             with ctx:
                 self.acc.backward(loss * world)
             stats["loss"] += loss.item()
@@ -257,6 +342,9 @@ class Trainer:
             cached = torch.load(path)
             return cached["train"], cached["eval"]
         need_train = self.method.needs_reference and self.cfg.model.reference == "precompute"
+        if self.resume_from is not None and self.reference.copy is None and not is_peft(self.reference.policy):
+            raise RuntimeError(f"{path} is missing: the reference log-probs cannot be recomputed from the resumed "
+                               "(trained) weights; start the run again without train.resume")
         with self.reference.model() as net:
             train = self._table_logps(net, self.data.train.table, "reference log-probs") if need_train else None
             evals = self._table_logps(net, self.data.eval.table, "reference log-probs (held out)")
@@ -269,15 +357,16 @@ class Trainer:
         then summed over processes: evaluation work is done once, not once per process."""
         rank, world = self.acc.process_index, self.acc.num_processes
         show = self.cfg.train.progress and self.acc.is_main_process
-        out = table_logps(net, table, self.pad_id, self.cfg.train.micro_batch_size, self.bf16,
-                          rows=list(range(rank, len(table), world)), desc=desc, progress=show)
+        size = self.cfg.train.micro_batch_size
+        out = table_logps(net, table, self.pad_id, size, self.bf16, rows=list(range(rank, len(table), world)),
+                          desc=desc, progress=show, min_batches=math.ceil(math.ceil(len(table) / world) / size))
         if world > 1:
             out = {k: self.acc.reduce(v.to(self.acc.device), "sum").cpu() for k, v in out.items()}
         return out
 
     def _evaluate(self, ref_eval: dict, step: int, policy_logps: dict | None = None) -> dict:
         if policy_logps is None:
-            policy_logps = self._table_logps(self.acc.unwrap_model(self.model), self.data.eval.table, "evaluate")
+            policy_logps = self._table_logps(self._eval_model(), self.data.eval.table, "evaluate")
         metrics = evaluate(self.model, self.data.eval, ref_eval, self.method, self.cfg, self.pad_id, self.bf16,
                            policy_logps=policy_logps)
         self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
@@ -289,23 +378,77 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def _nonfinite_weights(self) -> list[str]:
+        """Trainable weights holding NaN/inf, in any process's shard (the same answer everywhere)."""
+        bad = []
+        for n, p in self.model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 DTensor: this process's shard
+            if p.requires_grad and not torch.isfinite(local).all():
+                bad.append(n)
+        if self.acc.num_processes > 1:
+            count = self.acc.reduce(torch.tensor([len(bad)], device=self.acc.device), "sum")
+            if int(count) and not bad:
+                bad = ["(in another process's shard)"]
+        return bad
+
     def _save(self, step: int, results: dict) -> None:
-        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        bad = self._nonfinite_weights()
         if bad:  # never write a NaN checkpoint: the last good one stays the newest
             raise NonFiniteLossError(f"step {step}: non-finite weights in {bad[:3]}; checkpoint not written")
-        state_dict = self.acc.get_state_dict(self.model)  # all processes: gathers shards under ZeRO-3/FSDP
+        state_dict = self._full_state_dict()
+        optimizer_state = self._full_optimizer_state()
         if self.acc.is_main_process:
             ckpt.save_checkpoint(self.out, step, self.acc.unwrap_model(self.model), self.tokenizer,
                                  self.optimizer, self.scheduler, {"step": step, "results": results},
-                                 keep=self.cfg.train.keep_checkpoints, state_dict=state_dict)
+                                 keep=self.cfg.train.keep_checkpoints, state_dict=state_dict,
+                                 optimizer_state=optimizer_state)
         self.acc.wait_for_everyone()
 
+    def _full_state_dict(self) -> dict:
+        """The model's full state dict (all processes take part: gathers shards under
+        ZeRO-3/FSDP).  Gathered weights no longer share storage, so a tied copy (lm_head =
+        embeddings) would be saved twice: dropped here, as save_pretrained does for shared ones."""
+        state_dict = self.acc.get_state_dict(self.model)  # None on processes > 0 under ZeRO-3
+        for target, source in getattr(self.acc.unwrap_model(self.model), "all_tied_weights_keys", {}).items():
+            if state_dict and target in state_dict and source in state_dict:
+                del state_dict[target]
+        return state_dict
+
+    def _full_optimizer_state(self) -> dict | None:
+        """Under FSDP each process holds its shard of the optimizer state: gathered here (all
+        processes take part) into one full state keyed by parameter name, which any number
+        of processes can load.  None elsewhere: the optimizer's own state is complete."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=options)
+
+    def _load_optimizer_state(self, saved: dict) -> None:
+        """The saved optimizer state into this run's optimizer: a state keyed by parameter
+        name (written under FSDP) is scattered to the shards; one keyed by position (written
+        by 1 process or DDP) is loaded as is, or renamed first when this run is sharded."""
+        by_name = any(isinstance(k, str) for k in saved["state"]) or any(
+            isinstance(i, str) for g in saved["param_groups"] for i in g["params"])
+        if not (by_name or self.fsdp):
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if not by_name:
+            names = [n for n, p in self.acc.unwrap_model(self.model).named_parameters() if p.requires_grad]
+            saved = {"state": {names[i]: v for i, v in saved["state"].items()},
+                     "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=saved,
+                                 options=StateDictOptions(full_state_dict=True))
+
     def _maybe_resume(self) -> tuple[int, dict]:
-        found = ckpt.latest_checkpoint(self.out) if self.cfg.train.resume else None
+        found = self.resume_from  # its weights were loaded before the model was prepared
         if found is None:
             self._truncate_metrics(0)
             return 0, {}
-        state = ckpt.load_checkpoint(found, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        state = ckpt.load_trainer_state(found, self.optimizer, self.scheduler, load_optimizer=self._load_optimizer_state)
         self._truncate_metrics(state["step"])
         return state["step"], state.get("results", {})
 
@@ -319,8 +462,9 @@ class Trainer:
 
     def _finish(self, results: dict) -> dict:
         results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps,
-                       skipped_steps=getattr(self, "skipped_steps", 0), processes=self.acc.num_processes)
-        state_dict = self.acc.get_state_dict(self.model)
+                       skipped_steps=getattr(self, "skipped_steps", 0), processes=self.acc.num_processes,
+                       distributed=self._distributed_name())
+        state_dict = self._full_state_dict()
         if self.acc.is_main_process:
             final = self.out / "final"
             ckpt.atomic_save_model(final, self.acc.unwrap_model(self.model), self.tokenizer, state_dict)

@@ -23,10 +23,12 @@ from ulma.methods import LossInputs
 
 @torch.no_grad()
 def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: list[int] | None = None,
-                desc: str = "log-probs", progress: bool = True) -> dict:
+                desc: str = "log-probs", progress: bool = True, min_batches: int = 0) -> dict:
     """Sum and count of response-token log-probs for rows of a table: {"sum": [N], "count": [N]}.
 
-    Rows are run longest first in batches of similar length (less padding).
+    Rows are run longest first in batches of similar length (less padding).  At least
+    ``min_batches`` forward passes are run (extra ones on row 0, discarded): with sharded
+    weights (FSDP, ZeRO-3) every process must run the same number of forwards.
     """
     from tqdm.auto import tqdm
 
@@ -41,6 +43,8 @@ def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: li
         out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16)
         total[chunk] = out["sum"].float().cpu()
         count[chunk] = out["count"].cpu()
+    for _ in range(min_batches - math.ceil(len(order) / batch_size) if len(table) else 0):
+        forward_logps(model, pad_rows(table, [0], pad_id), bf16=bf16)
     model.train(was_training)
     return {"sum": total, "count": count}
 
