@@ -324,7 +324,8 @@ def test_paper_scale_dry_run_names_the_papers_setup(tmp_path, capsys):
 def test_paper_scale_configs(tmp_path):
     from ulma.config import validate
     from ulma.reproduce.experiments import TABLES, data_sets
-    from ulma.reproduce.jobs import Context, policy_config
+    from ulma.reproduce.configs import policy_config
+    from ulma.reproduce.context import Context
     from ulma.reproduce.runner import build_plan
     from ulma.reproduce.scales import load_scale
 

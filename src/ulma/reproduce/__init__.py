@@ -4,8 +4,10 @@
   that fill the slots at each scale, and the claims (a)-(e);
 - :mod:`~ulma.reproduce.scales`: the ``cpu`` and ``paper`` presets (typed, overridable);
 - :mod:`~ulma.reproduce.splits`: the train / test / judge split of a data set, made once;
-- :mod:`~ulma.reproduce.jobs`: the jobs (split, judge, RLHF reward model, cells) and their
-  configs; every job writes ``DONE.json`` last, so finished work is skipped on re-run;
+- :mod:`~ulma.reproduce.context`: what the jobs share (OUT, scale, data sets, the judge);
+- :mod:`~ulma.reproduce.configs`: each job's training config, and launching a training;
+- :mod:`~ulma.reproduce.jobs`: the jobs (split, judge, RLHF reward model, cells); every job
+  writes ``DONE.json`` last, so finished work is skipped on re-run;
 - :mod:`~ulma.reproduce.runner`: the plan, its dry-run description, running it;
 - :mod:`~ulma.reproduce.claims`: verdicts from confidence intervals;
 - :mod:`~ulma.reproduce.summary`: tables, figures and claims from whatever cells exist;

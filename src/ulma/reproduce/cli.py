@@ -76,7 +76,7 @@ def _paths(items: list[str]) -> dict:
 def build(args):
     """(plan, context) from the command line; every name and setting checked."""
     from ulma.reproduce.experiments import data_sets, tables_of
-    from ulma.reproduce.jobs import Context, JudgeChoice
+    from ulma.reproduce.context import Context, JudgeChoice
     from ulma.reproduce.runner import build_plan
     from ulma.reproduce.scales import load_scale
 

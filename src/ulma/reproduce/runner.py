@@ -11,6 +11,7 @@ are not run; the rest go on.
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 import traceback
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 
 from ulma.config import ConfigError, validate
 from ulma.reproduce.experiments import MAIN_METHODS, SLOTS, slot_of
-from ulma.reproduce.jobs import CellJob, Context, JudgeJob, RewardJob, SplitJob
+from ulma.reproduce.context import Context
+from ulma.reproduce.jobs import CellJob, JudgeJob, RewardJob, SplitJob
 from ulma.reproduce.scales import processes, scaled_down
 
 METHOD_ORDER = (*MAIN_METHODS, "positive_dpo", "negative_dpo")
@@ -121,6 +123,13 @@ def run(plan: Plan, log=print) -> dict:
 
 
 def _run_one(job, head: str, log) -> str:
+    try:
+        return _attempt(job, head, log)
+    finally:
+        gc.collect()  # the job's models (and their reference cycles) go before the next job loads its own
+
+
+def _attempt(job, head: str, log) -> str:
     t0 = time.perf_counter()
     try:
         line = job.run()

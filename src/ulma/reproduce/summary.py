@@ -19,7 +19,8 @@ from ulma.evaluation.io import EvalError, read_json
 from ulma.evaluation.report import TableLayout, default_criterion, load_result, markdown, plot_bars
 from ulma.reproduce.claims import judge_claims
 from ulma.reproduce.experiments import TABLES
-from ulma.reproduce.jobs import MARKER, Context
+from ulma.reproduce.context import Context
+from ulma.reproduce.jobs import MARKER
 from ulma.reproduce.scales import scaled_down
 
 
