@@ -150,7 +150,9 @@ def accelerate_command(scale: Scale, config_path: Path, resume: bool = False) ->
     return cmd + ["-m", "ulma", "train", str(config_path)] + (["train.resume=true"] if resume else [])
 
 
-def _launch_accelerate(scale: Scale):
+def accelerate_launcher(scale: Scale):
+    """A ``launch(cfg, config_path)`` for :func:`train_in` that trains through ``accelerate launch``."""
+
     def launch(cfg: Config, config_path: Path) -> None:
         subprocess.run(accelerate_command(scale, config_path, cfg.train.resume), check=True)
 

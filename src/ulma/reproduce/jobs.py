@@ -1,4 +1,4 @@
-"""The jobs of a reproduction, the configs they train with, and their completion markers.
+"""The jobs of a reproduction (split, judge, RLHF reward model, cell) and their completion markers.
 
 Layout of ``OUT``::
 
@@ -18,7 +18,6 @@ whole, are kept, and generation resumes from its partial log.  A cell whose mark
 another judge keeps its model and generations and is judged again.
 """
 
-
 from __future__ import annotations
 
 import time
@@ -29,8 +28,8 @@ from ulma.config import Config
 from ulma.evaluation.io import read_json
 from ulma.evaluation.report import default_criterion
 from ulma.methods import METHODS
-from ulma.reproduce.configs import (_launch_accelerate, accelerate_command, fingerprint, needs_pairs, policy_config,
-                                    ppo_config, reward_config, show_command, train_in)
+from ulma.reproduce.configs import (accelerate_command, accelerate_launcher, fingerprint, needs_pairs,
+                                    policy_config, ppo_config, reward_config, show_command, train_in)
 from ulma.reproduce.context import Context
 from ulma.reproduce.scales import processes
 from ulma.reproduce.splits import check_same, prepare_split
@@ -218,7 +217,7 @@ class CellJob(Job):
 
     def _launcher(self):
         if self.ctx.scale.launcher == "accelerate" and self.method in METHODS:
-            return _launch_accelerate(self.ctx.scale)
+            return accelerate_launcher(self.ctx.scale)
         return None  # reward models and PPO run in one process
 
     def describe(self) -> str:
