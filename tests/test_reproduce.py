@@ -143,6 +143,7 @@ def test_runner_end_to_end_then_skips_finished_cells(hh_done, hh_run, capsys):
     assert "| reward:" in table and "| hh | harmless | 4 |" in table  # the judge's agreement, 4 test pairs
     assert (done / "table1.png").read_bytes()[:4] == b"\x89PNG" and (done / "figure2.png").exists()
     claims = (done / "report.md").read_text()
+    assert "Optimizer steps per cell (PPO: rollout batches): hh/sft 1, hh/ulma 2." in claims  # 8 and 16 units / 8
     assert "**(c)** ULMA's gain over the other methods is larger on Golden HH than on HH (better positives): " \
            "**not run**" in claims
 

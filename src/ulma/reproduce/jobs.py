@@ -261,7 +261,9 @@ class CellJob(Job):
         crit = default_criterion(self.ds.name)
         rates = summary["criteria"][crit]
         times = {k: round(v, 1) for k, v in times.items()}
-        self.finish(judge=self.ctx.judge_key(self.ds), seconds=times, perplexity=ppl, win_tie=rates["win_tie"])
+        steps = read_json(self.folder / "results.json").get("steps")
+        self.finish(judge=self.ctx.judge_key(self.ds), seconds=times, steps=steps, perplexity=ppl,
+                    win_tie=rates["win_tie"])
         spent = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
         return f"perplexity {ppl:.2f}, {crit} win {rates['win']:.3f} tie {rates['tie']:.3f} ({spent})"
 

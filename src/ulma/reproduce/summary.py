@@ -25,8 +25,8 @@ from ulma.reproduce.scales import scaled_down
 
 
 def collect(out: Path) -> tuple[list, set, dict]:
-    """(RunResults of the finished cells, inapplicable (method, data set) pairs, seconds per cell)."""
-    results, na, seconds = [], set(), {}
+    """(RunResults of the finished cells, inapplicable (method, data set) pairs, their markers)."""
+    results, na, markers = [], set(), {}
     for marker in sorted(Path(out).glob(f"cells/*/*/seed*/{MARKER}")):
         folder = marker.parent
         dataset, method = folder.parent.parent.name, folder.parent.name
@@ -35,8 +35,8 @@ def collect(out: Path) -> tuple[list, set, dict]:
             na.add((method, dataset))
             continue
         results.append(load_result(folder))
-        seconds[str(folder.relative_to(out))] = m.get("seconds", {})
-    return results, na, seconds
+        markers[str(folder.relative_to(out))] = m
+    return results, na, markers
 
 
 def agreement_results(ctx: Context, datasets: list) -> list:
@@ -100,19 +100,24 @@ def _show(v) -> str:
     return "all" if v is None else str(v)
 
 
-def timings(seconds: dict, out: Path) -> str:
-    """Wall time spent per stage, summed over the finished cells and shared jobs."""
+def timings(markers: dict, out: Path) -> str:
+    """Wall time spent per stage, summed over the finished cells and shared jobs, and the
+    optimizer steps each cell took."""
     totals: dict = {}
-    for stages in seconds.values():
-        for k, v in stages.items():
+    for m in markers.values():
+        for k, v in m.get("seconds", {}).items():
             totals[k] = totals.get(k, 0.0) + v
     shared = 0.0
     for marker in list(Path(out).glob(f"judge/*/*/{MARKER}")) + list(Path(out).glob(f"rlhf_reward/*/*/{MARKER}")):
         shared += read_json(marker).get("seconds", 0.0) or 0.0
     cells = sum(totals.values())
     parts = ", ".join(f"{k} {v / 60:.1f} min" for k, v in totals.items())
-    return (f"## Wall time\n\n{len(seconds)} cells: {cells / 60:.1f} min ({parts}); judges and RLHF reward models: "
-            f"{shared / 60:.1f} min.\n")
+    steps: dict = {}
+    for name, m in markers.items():  # cells/<data set>/<method>/seed<k>
+        steps.setdefault("/".join(name.split("/")[1:3]), set()).add(m.get("steps"))
+    step_text = ", ".join(f"{k} {'/'.join(str(v) for v in sorted(s, key=str))}" for k, s in steps.items())
+    return (f"## Wall time\n\n{len(markers)} cells: {cells / 60:.1f} min ({parts}); judges and RLHF reward models: "
+            f"{shared / 60:.1f} min.\n\nOptimizer steps per cell (PPO: rollout batches): {step_text or 'none yet'}.\n")
 
 
 def figures(ctx: Context, results: list, tables: list) -> None:
@@ -138,7 +143,7 @@ def figures(ctx: Context, results: list, tables: list) -> None:
 def write_report(ctx: Context, tables: list, seeds: int) -> Path:
     """Rebuild every report file from the cells on disk; returns the path of report.md."""
     ctx.out.mkdir(parents=True, exist_ok=True)
-    results, na, seconds = collect(ctx.out)
+    results, na, markers = collect(ctx.out)
     have = {(r.method, r.dataset) for r in results}
     shown = [t for t in TABLES.values() if t in tables or any((m, ctx.slots[s].name) in have for m in t.methods
                                                                 for s in t.slots if s in ctx.slots)]
@@ -151,7 +156,7 @@ def write_report(ctx: Context, tables: list, seeds: int) -> Path:
     names = {slot: (None if ds.unavailable else ds.name) for slot, ds in ctx.slots.items()}
     verdicts = judge_claims(results, names)
     sections.append("## The paper's claims\n\n" + "\n".join(v.line() for v in verdicts) + "\n")
-    sections.append(timings(seconds, ctx.out))
+    sections.append(timings(markers, ctx.out))
     atomic_write_json(ctx.out / "claims.json", [{**dataclasses.asdict(v), "outcomes": [dataclasses.asdict(o) for o in
                                                                                        v.outcomes]} for v in verdicts])
     path = ctx.out / "report.md"
