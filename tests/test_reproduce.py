@@ -139,7 +139,7 @@ def test_runner_end_to_end_then_skips_finished_cells(hh_done, hh_run, capsys):
     assert "Judge: a reward model trained by ulma on each data set's judge split" in table
     assert table_row(table, "ulma")[2] == t_cell([win_tie["ulma", 0], win_tie["ulma", 1]])
     assert table_row(table, "rlhf") == ["rlhf"] + ["missing"] * 4  # not run (on HH; PyRIT not asked for)
-    assert "Golden HH: not run (Golden HH is on the hub only (paper scale))" in table
+    assert "- Golden HH: not run (on the hub only: paper scale)." in table
     assert "| reward:" in table and "| hh | harmless | 4 |" in table  # the judge's agreement, 4 test pairs
     assert (done / "table1.png").read_bytes()[:4] == b"\x89PNG" and (done / "figure2.png").exists()
     claims = (done / "report.md").read_text()

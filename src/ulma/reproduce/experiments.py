@@ -89,7 +89,7 @@ def cpu_data_sets() -> dict:
                       "file (../shared/data), split here by prompt into train / test / judge; point-wise methods see "
                       "each pair as chosen z=1 and rejected z=0."),
         "golden_hh": DataSet("golden_hh", "Golden HH", "golden_hh", "pair",
-                             unavailable="Golden HH is on the hub only (paper scale)"),
+                             unavailable="on the hub only: paper scale"),
         "red_team": DataSet("pyrit", "red-team → PyRIT", "pyrit", "continuous",
                             note="red-team → PyRIT: PyRIT's human-scored harm data (990 responses to 390 harmful "
                             "objectives, score = 1 − mean human harm score) stands in for red-team, which is not "

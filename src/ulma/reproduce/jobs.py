@@ -199,7 +199,9 @@ class CellJob(Job):
     def settings(self) -> dict:
         import dataclasses
 
-        return {"train": fingerprint(self.config()), "eval": dataclasses.asdict(self.ctx.scale.eval)}
+        evaluation = dataclasses.asdict(self.ctx.scale.eval)
+        evaluation.pop("batch_size")  # how many answers are generated at once does not change them
+        return {"train": fingerprint(self.config()), "eval": evaluation}
 
     def done(self) -> bool:
         """Finished, and judged by this run's judge (a cell judged by another is judged again)."""

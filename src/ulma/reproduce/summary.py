@@ -58,8 +58,8 @@ def judge_text(ctx: Context) -> str:
                 "with the higher "
                 f"reward wins (tie when the rewards differ by at most {s.judge.tie_margin:g}). It is not the paper's "
                 "GPT-4 judge: its agreement with held-out human labels is in the table below.")
-    return (f"Judge: the {j.kind} judge of {j.config or 'the default judge config'} with the paper's Appendix B "
-            "prompt, asked in both orders (a disagreement is a tie).")
+    return (f"Judge: the {j.kind} judge named in the agreement table below, with the paper's Appendix B prompt, "
+            "asked in both orders (a disagreement is a tie).")
 
 
 def table_section(ctx: Context, table, results: list, na: set, seeds: int) -> str:
