@@ -68,6 +68,10 @@ def test_prepare_split_writes_files_once_and_refuses_other_settings(tmp_path):
     split.train_prompts = 9
     with pytest.raises(ConfigError, match=r"made with split.train_prompts=8, this run asks for split.train_prompts=9"):
         prepare_split(ds, split, tmp_path / "split")
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"chosen": "no turns", "rejected": "x"}])
+    with pytest.raises(ValueError, match=r"the train split is empty \(0 examples loaded from .*broken.jsonl; 1 bad "
+                       r"rows skipped, the first: .*broken.jsonl, row 1, field 'chosen'"):
+        prepare_split(DataSet("hh", "HH", "hh", "pair", str(broken)), split, tmp_path / "split2")
 
 
 # ------------------------------------------------------------------ end to end on the tiny model

@@ -104,7 +104,10 @@ class SplitJob(Job):
     def run(self) -> str:
         m = prepare_split(self.ds, self.ctx.scale.split, self.folder)
         c = m["counts"]
-        return ", ".join(f"{k} {c[k]['prompts']} prompts / {c[k]['examples']} examples" for k in c)
+        text = ", ".join(f"{k} {c[k]['prompts']} prompts / {c[k]['examples']} examples" for k in c)
+        if m["rows_skipped"]:
+            text += f"; {m['rows_skipped']} bad rows skipped (first: {m['skipped_first'][0]})"
+        return text
 
 
 class JudgeJob(Job):

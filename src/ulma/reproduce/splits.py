@@ -88,8 +88,9 @@ def prepare_split(ds, split_scale, folder: Path) -> dict:
     parts = {k: cap_prompts(v, caps[k], s.seed) for k, v in parts.items()}
     for part, rows in parts.items():
         if not rows:
-            raise ValueError(f"data set {ds.name}: the {part} split is empty ({len(examples)} examples loaded); "
-                             "check the data file and the split fractions")
+            bad = f"; {len(skipped)} bad rows skipped, the first: {skipped[0]}" if skipped else ""
+            raise ValueError(f"data set {ds.name}: the {part} split is empty ({len(examples)} examples loaded from "
+                             f"{ds.path or ds.source}{bad}); check the data file and the split fractions")
     files = _write_parts(folder, parts, ds.kind)
     manifest = {"dataset": ds.name, "identity": want, "rows_skipped": len(skipped),
                 "skipped_first": [str(e) for e in skipped[:5]], "files": files,
