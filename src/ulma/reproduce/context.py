@@ -42,6 +42,7 @@ class Context:
     judge: JudgeChoice = field(default_factory=JudgeChoice)
     progress: bool = True
     _judges: dict = field(default_factory=dict)
+    _memos: dict = field(default_factory=dict)  # a released reward judge's scores, by data set
     _tests: dict = field(default_factory=dict)
 
     def data_dir(self, ds) -> Path:
@@ -103,9 +104,28 @@ class Context:
         from ulma.evaluation.judges import build_judge
 
         if ds.name not in self._judges:
-            self._judges.clear()  # free the previous data set's judge model
+            self.release_judge()  # the previous data set's judge model goes first
             cfg = self.judge.eval_config().judge
             if self.judge.kind == "reward":
                 cfg.reward = self.reward_judge_config(ds)
-            self._judges[ds.name] = build_judge(cfg, self.judge_dir(ds) / "judge_cache.sqlite")
+            judge = build_judge(cfg, self.judge_dir(ds) / "judge_cache.sqlite")
+            if hasattr(judge, "_memo"):
+                judge._memo = self._memos.setdefault(ds.name, {})  # survives release_judge
+            self._judges[ds.name] = judge
         return self._judges[ds.name]
+
+    def release_judge(self) -> None:
+        """Drop the loaded judge (its scores stay): on a GPU, before a training or an evaluation
+        needs the memory a 7B reward model holds."""
+        self._judges.clear()
+
+    def free_accelerator(self) -> None:
+        """On a GPU, release the judge and the cached blocks before the next model loads."""
+        import gc
+
+        import torch
+
+        if torch.cuda.is_available():
+            self.release_judge()
+            gc.collect()
+            torch.cuda.empty_cache()

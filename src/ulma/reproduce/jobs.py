@@ -141,6 +141,7 @@ class JudgeJob(Job):
         from ulma.evaluation.judging import judge_agreement
         from ulma.evaluation.testdata import human_pairs
 
+        self.ctx.free_accelerator()
         seconds = train_in(self.ctx, self.config(), self.folder) if self.ctx.judge.kind == "reward" else 0.0
         ctx, s = self.ctx, self.ctx.scale
         pairs = human_pairs(ctx.test_data(self.ds), s.judge.agreement_limit, s.split.seed)
@@ -175,6 +176,7 @@ class RewardJob(Job):
                 f"lr {c.train.lr}, {c.train.epochs:g} epoch(s)")
 
     def run(self) -> str:
+        self.ctx.free_accelerator()
         seconds = train_in(self.ctx, self.config(), self.folder)
         results = read_json(self.folder / "results.json")
         self.finish(seconds=round(seconds, 1))
@@ -259,8 +261,10 @@ class CellJob(Job):
             for name in (MARKER, "eval/judge_summary.json", "eval/judgments.jsonl"):
                 (self.folder / name).unlink(missing_ok=True)
         else:
+            self.ctx.free_accelerator()
             times["train"] = train_in(self.ctx, self.config(), self.folder, self._launcher())
             times.update(self._evaluate())
+            self.ctx.free_accelerator()  # the policy is gone; the judge loads
         times["judge"], summary = self._judge()
         ppl = read_json(self.folder / "eval" / "perplexity.json")["perplexity"]
         crit = default_criterion(self.ds.name)
