@@ -310,6 +310,11 @@ def test_reward_judge_compares_scores_of_padded_batches(reward_dir, tokenizer):
         assert j.verdicts == {"harmless": "win" if rm > rr else "lose" if rm < rr else "tie"}
     assert judged[-1].verdicts == {"harmless": "tie"}
     assert {j.verdicts["harmless"] for j in judged} == {"win", "lose", "tie"}  # all three happen with this seed
+    # q3's and the last item's two texts are one (prompt, response) each: 8 distinct texts scored
+    # of 10; a second call scores nothing
+    assert judge.stats == {"requests": 8, "cache_hits": 2, "malformed_responses": 0}
+    assert [j.scores for j in judge.judge(items, progress=False)] == [j.scores for j in judged]
+    assert (judge.stats["requests"], judge.stats["cache_hits"]) == (8, 12)
     wide = RewardModelJudge(RewardJudgeConfig(model=str(reward_dir), tie_margin=1e6, criterion="helpful"))
     assert {j.verdicts["helpful"] for j in wide.judge(items, progress=False)} == {"tie"}
 

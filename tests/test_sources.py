@@ -288,6 +288,15 @@ def test_format_qa_prompt_without_passages():
     assert format_qa_prompt(" Why? ", []) == "Question: Why?"
 
 
+def test_qa_feedback_question_only(tmp_path):
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps([_qa(errors=[{"error type": "Wrong-Grounding", "start": 0, "end": 4}])]))
+    result = load_source("qa_feedback", str(path), passages=False)
+    assert [e.prompt[0]["content"] for e in result.examples] == ["Question: Who?", "Question: Who?"]
+    with pytest.raises(ValueError, match="option 'passages' must be true or false, got 'no'"):
+        load_source("qa_feedback", str(path), passages="no")
+
+
 # ------------------------------------------------------------------------------ red team
 
 

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Sub-commands that live beside their code: each module has register(subparsers), which
 # adds its parsers with set_defaults(handler=fn); fn(args) -> exit code.
-PLUGINS = ("ulma.evaluation.cli", "ulma.rlhf.cli")
+PLUGINS = ("ulma.evaluation.cli", "ulma.rlhf.cli", "ulma.reproduce.cli")
 
 
 def _plugin_modules():

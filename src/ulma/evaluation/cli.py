@@ -167,23 +167,16 @@ def _model_and_data(args):
 
 
 def cmd_perplexity(args) -> int:
-    from ulma.evaluation.io import atomic_write_json, atomic_write_jsonl
     from ulma.evaluation.loading import load_model, run_meta
-    from ulma.evaluation.perplexity import score_positives
+    from ulma.evaluation.perplexity import write_perplexity
     from ulma.evaluation.testdata import positives
-    from ulma.evaluation.winrates import perplexity_interval
 
     spec, data, out = _model_and_data(args)
     demos = positives(data, args.limit, args.split_seed)
     model, tokenizer = load_model(spec, args.dtype)
-    t0 = time.perf_counter()
-    summary, rows = score_positives(model, tokenizer, demos, max_length=args.max_length, batch_size=args.batch_size,
-                                    progress=not args.no_progress)
-    summary["ci"] = list(perplexity_interval([r["logp"] for r in rows], [r["tokens"] for r in rows]))
-    summary.update(seconds=round(time.perf_counter() - t0, 2), dtype=args.dtype, meta=run_meta(spec, data.name),
-                   data=data.about, data_rows_skipped=len(data.skipped))
-    atomic_write_jsonl(out / "logps.jsonl", rows)
-    atomic_write_json(out / "perplexity.json", summary)
+    summary = write_perplexity(model, tokenizer, demos, out, meta=run_meta(spec, data.name), about=data.about,
+                               max_length=args.max_length, batch_size=args.batch_size, dtype=args.dtype,
+                               rows_skipped=len(data.skipped), progress=not args.no_progress)
     lo, hi = summary["ci"]
     print(f"perplexity {summary['perplexity']:.4f} (95% bootstrap [{lo:.4f}, {hi:.4f}]) over {summary['tokens']} "
           f"tokens of {summary['examples']} responses in {summary['seconds']} s "

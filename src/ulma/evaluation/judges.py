@@ -256,17 +256,27 @@ class RewardModelJudge:
                                    bf16=cfg.dtype == "bfloat16")
         self.id = f"reward:{cfg.model}"
         self.stats = {"requests": 0, "cache_hits": 0, "malformed_responses": 0}
+        self._memo: dict = {}  # (prompt, response) -> reward: the references recur in every model's comparisons
 
     def judge(self, items: list[Comparison], progress: bool = True) -> list[Judgment]:
         n, m, crit = len(items), self.cfg.tie_margin, self.cfg.criterion
-        r = self.scorer.score([c.prompt for c in items] * 2, [c.model for c in items] + [c.reference for c in items])
-        self.stats["requests"] += 2 * n
+        r = self._rewards([(c.prompt, c.model) for c in items] + [(c.prompt, c.reference) for c in items])
         out = []
         for i in range(n):
-            d = float(r[i] - r[n + i])
+            d = r[i] - r[n + i]
             verdict = "win" if d > m else "lose" if d < -m else "tie"
-            out.append(Judgment({crit: verdict}, [], {crit: False}, [float(r[i]), float(r[n + i])]))
+            out.append(Judgment({crit: verdict}, [], {crit: False}, [r[i], r[n + i]]))
         return out
+
+    def _rewards(self, texts: list[tuple]) -> list[float]:
+        """r(x, y) of each (prompt, response); a pair this judge has scored before is not scored again."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        if todo:
+            scores = self.scorer.score([p for p, _ in todo], [y for _, y in todo])
+            self._memo.update(zip(todo, (float(v) for v in scores)))
+        self.stats["requests"] += len(todo)
+        self.stats["cache_hits"] += len(texts) - len(todo)
+        return [self._memo[t] for t in texts]
 
 
 def build_judge(cfg: JudgeConfig, cache_path: Path | None):

@@ -8,6 +8,8 @@ number matches ``results.json``'s ``perplexity`` on the same examples.
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 from ulma.data.tokenize import Tokenizer, build_units
 from ulma.evaluation.metrics import perplexity, table_logps
@@ -51,3 +53,23 @@ def _row(i: int, demo, logps: dict, r: int) -> dict:
         "tokens": count,
         "perplexity": math.exp(-total / max(count, 1)),
     }
+
+
+def write_perplexity(model, tokenizer, demos: list, out: Path, *, meta: dict, about: dict, max_length: int = 1024,
+                     batch_size: int = 8, dtype: str = "float32", rows_skipped: int = 0,
+                     progress: bool = True) -> dict:
+    """Score ``demos`` and write ``out/perplexity.json`` (with a bootstrap interval and the
+    run's method / data set / seed in ``meta``) and ``out/logps.jsonl``; returns the summary.
+    What ``ulma eval perplexity`` and ``ulma reproduce`` write."""
+    from ulma.evaluation.io import atomic_write_json, atomic_write_jsonl
+    from ulma.evaluation.winrates import perplexity_interval
+
+    t0 = time.perf_counter()
+    summary, rows = score_positives(model, tokenizer, demos, max_length=max_length, batch_size=batch_size,
+                                    progress=progress)
+    summary["ci"] = list(perplexity_interval([r["logp"] for r in rows], [r["tokens"] for r in rows]))
+    summary.update(seconds=round(time.perf_counter() - t0, 2), dtype=dtype, meta=meta, data=about,
+                   data_rows_skipped=rows_skipped)
+    atomic_write_jsonl(Path(out) / "logps.jsonl", rows)
+    atomic_write_json(Path(out) / "perplexity.json", summary)
+    return summary

@@ -118,20 +118,37 @@ def _ordered(groups: dict) -> tuple[list, list]:
     return methods, datasets
 
 
-def markdown(results: list[RunResult], criteria: dict | None = None, confidence: float = 0.95) -> str:
+@dataclass
+class TableLayout:
+    """A table whose rows and columns are fixed in advance (an experiment's matrix), so that
+    what has not been run shows as such instead of disappearing."""
+
+    methods: list  # rows, in this order
+    datasets: list  # columns, in this order
+    names: dict = field(default_factory=dict)  # data set -> column title (default: its name)
+    runs: int | None = None  # runs expected per cell: fewer are marked "(k/n runs)", none "missing"
+    inapplicable: set = field(default_factory=set)  # (method, data set) pairs shown as "n/a"
+
+
+def markdown(results: list[RunResult], criteria: dict | None = None, confidence: float = 0.95,
+             layout: TableLayout | None = None) -> str:
     """The paper's layout (method x data set: perplexity, harmless / helpful win & tie),
-    then the win / tie / lose rates, then the judge's agreement with humans if measured."""
+    then the win / tie / lose rates, then the judge's agreement with humans if measured.
+    ``layout`` fixes the rows and columns (see :class:`TableLayout`)."""
     groups = group([r for r in results if r.perplexity is not None or r.criteria])  # not agreement-only folders
-    methods, datasets = _ordered(groups)
+    methods, datasets = (layout.methods, layout.datasets) if layout else _ordered(groups)
     crit = {d: (criteria or {}).get(d, default_criterion(d)) for d in datasets}
-    head = ["method"] + [h for d in datasets for h in (f"{d} perplexity ↓", f"{d} {crit[d]} win & tie (%) ↑")]
+    names = layout.names if layout else {}
+    head = ["method"] + [h for d in datasets for h in (f"{names.get(d, d)} perplexity ↓",
+                                                        f"{names.get(d, d)} {crit[d]} win & tie (%) ↑")]
     lines = [_row(head), _row(["---"] * len(head))]
     for m in methods:
         cells = [m]
         for d in datasets:
             runs = groups.get((m, d), [])
-            cells += [perplexity_cell(runs, confidence).format(1, 2),
+            values = [perplexity_cell(runs, confidence).format(1, 2),
                       rate_cell(runs, crit[d], "win_tie", confidence).format(100, 1)]
+            cells += [_mark(v, m, d, runs, layout) for v in values]
         lines.append(_row(cells))
     lines += ["", "Win / tie / lose against the reference answer (%):", ""] + _wtl_table(groups, crit, confidence)
     agreement = [r for r in results if r.agreement]
@@ -140,7 +157,22 @@ def markdown(results: list[RunResult], criteria: dict | None = None, confidence:
     pct = round(confidence * 100)
     lines += ["", f"`a ± h`: {pct}% t-interval over training runs (seeds); `a [lo, hi]`: {pct}% bootstrap "
               "interval over prompts (one run); –: not measured. Unparseable judge answers are left out of the rates."]
+    if layout:
+        lines[-1] += " missing: not run (yet); n/a: the method cannot run on this data set."
     return "\n".join(lines) + "\n"
+
+
+def _mark(text: str, method: str, dataset: str, runs: list, layout: TableLayout | None) -> str:
+    """A table cell with what the layout expects: n/a, missing, or how many runs it holds."""
+    if layout is None:
+        return text
+    if (method, dataset) in layout.inapplicable:
+        return "n/a"
+    if not runs:
+        return "missing"
+    if layout.runs and len(runs) < layout.runs:
+        return f"{text} ({len(runs)}/{layout.runs} runs)"
+    return text
 
 
 def _row(cells) -> str:
@@ -182,8 +214,21 @@ def bar_segments(results: list[RunResult], dataset: str, criterion: str) -> list
     return out
 
 
-def plot_bars(results: list[RunResult], path: str | Path, criteria: dict | None = None) -> Path:
-    """A PNG of stacked win / tie / lose bars per method, one panel per data set (Figure 1)."""
+def win_tie_intervals(results: list[RunResult], dataset: str, criterion: str) -> dict:
+    """{method: (low, high)} of win & tie in percent (NaN when there is no interval), for the bars' whiskers."""
+    out = {}
+    for (m, d), runs in group(results).items():
+        if d == dataset and any(criterion in r.criteria for r in runs):
+            c = rate_cell(runs, criterion, "win_tie")
+            out[m] = (c.low * 100, c.high * 100)
+    return out
+
+
+def plot_bars(results: list[RunResult], path: str | Path, criteria: dict | None = None,
+              names: dict | None = None) -> Path:
+    """A PNG of stacked win / tie / lose bars per method, one panel per data set (Figure 1);
+    a whisker where the tie segment ends shows the interval of win & tie (a t-interval over
+    runs, or a bootstrap over prompts for one run).  ``names``: data set -> panel title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -197,7 +242,9 @@ def plot_bars(results: list[RunResult], path: str | Path, criteria: dict | None 
     fig = Figure(figsize=(5.5 * len(panels), height))
     FigureCanvasAgg(fig)
     for k, (d, c, bars) in enumerate(panels):
-        _panel(fig.add_subplot(1, len(panels), k + 1), d, c, bars)
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        _panel(ax, (names or {}).get(d, d), c, bars)
+        _whiskers(ax, bars, win_tie_intervals(results, d, c))
     fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the legend below the panels
     return _save_png(fig, Path(path))
@@ -217,6 +264,16 @@ def _panel(ax, dataset: str, criterion: str, bars) -> None:
     ax.set_xlim(0, 100)
     ax.set_xlabel("%")
     ax.set_title(f"{dataset}: {criterion}, vs the reference")
+
+
+def _whiskers(ax, bars, intervals: dict) -> None:
+    """Error bars of win & tie, drawn where the tie segment ends (same row order as :func:`_panel`)."""
+    for y, b in enumerate(bars[::-1]):
+        low, high = intervals.get(b[0], (math.nan, math.nan))
+        if not (math.isnan(low) or math.isnan(high)):
+            x = b[1] + b[2]  # rounding can put a bound a hair on the wrong side of the mean
+            ax.errorbar(x, y, xerr=[[max(x - low, 0.0)], [max(high - x, 0.0)]], fmt="none", ecolor="black",
+                        capsize=3, linewidth=1)
 
 
 def _save_png(fig, path: Path) -> Path:

@@ -11,7 +11,7 @@ Use :func:`load_source`::
 source                    data                                           options
 ========================  =============================================  ==================
 ``hh``, ``golden_hh``     Anthropic HH / Golden HH {chosen, rejected}    as, split, data_dir (hh)
-``qa_feedback``           FineGrainedRLHF QA-feedback JSON               as
+``qa_feedback``           FineGrainedRLHF QA-feedback JSON               as, passages
 ``red_team``              Anthropic red-team attempts, rating 0-4        split
 ``pyrit``                 PyRIT human harm scores (offline default)      files
 ``jsonl`` (``trl``),      your own files in TRL's formats                columns, kind,

@@ -22,7 +22,9 @@ Prompt: one user turn (see :func:`format_qa_prompt`)::
     Title: <title of passage 2>
     ...
 
-(a record without passages gives just the ``Question:`` line).
+(a record without passages, or option ``passages=False``, gives just the ``Question:`` line:
+the passages are ~730 SmolLM2 tokens at the median, and a prompt cut from the left to fit
+a short ``max_length`` would lose the question, which comes first).
 
 Mapping (paper §5.1, binary point-wise):
 
@@ -66,12 +68,13 @@ def _passages(record, file, row) -> list:
     return passages
 
 
-def qa_record_sides(record, file, row) -> tuple:
+def qa_record_sides(record, file, row, passages: bool = True) -> tuple:
     """(prompt, positive text or None, negative text or None) of one record."""
     question = require(record, "question", file, row)
     if not question.strip():
         raise DataError(file, row, "question", "is empty")
-    prompt = user_prompt(format_qa_prompt(question, _passages(record, file, row)))
+    found = _passages(record, file, row)
+    prompt = user_prompt(format_qa_prompt(question, found if passages else []))
     feedback = require(record, "feedback", file, row, kind=dict)
     prediction = require(record, "prediction 1", file, row)
     corrected = feedback.get("corrected-prediction") or ""
@@ -81,8 +84,8 @@ def qa_record_sides(record, file, row) -> tuple:
     return prompt, (corrected if corrected.strip() else None), (prediction if flagged else None)
 
 
-def _pointwise(record, file, row, stats) -> list:
-    prompt, pos, neg = qa_record_sides(record, file, row)
+def _pointwise(record, file, row, stats, passages) -> list:
+    prompt, pos, neg = qa_record_sides(record, file, row, passages)
     out = []
     if pos is not None:
         out.append(pointwise(prompt, pos, 1, binary=True, file=file, row=row))
@@ -92,8 +95,8 @@ def _pointwise(record, file, row, stats) -> list:
     return out
 
 
-def _pair(record, file, row, stats) -> list:
-    prompt, pos, neg = qa_record_sides(record, file, row)
+def _pair(record, file, row, stats, passages) -> list:
+    prompt, pos, neg = qa_record_sides(record, file, row, passages)
     _count(stats, pos, neg)
     if pos is None or neg is None:
         stats["unpaired"] += pos is not None or neg is not None
@@ -109,9 +112,13 @@ def _count(stats, pos, neg) -> None:
 
 
 def load_qa_feedback(path=None, *, on_error: str = "raise", **options) -> LoadResult:
-    """QA-feedback from a local ``*_feedback.json`` file (``as``: "pointwise" | "pair")."""
-    check_options("qa_feedback", options, {"as"})
+    """QA-feedback from a local ``*_feedback.json`` file (``as``: "pointwise" | "pair";
+    ``passages``: true (default) or false, the question alone as the prompt)."""
+    check_options("qa_feedback", options, {"as", "passages"})
     kind = check_choice("qa_feedback", "as", options.get("as", "pointwise"), ("pointwise", "pair"))
+    passages = options.get("passages", True)
+    if not isinstance(passages, bool):
+        raise ValueError(f"source 'qa_feedback': option 'passages' must be true or false, got {passages!r}")
     if path is None:
         raise ValueError(
             "source 'qa_feedback' needs path= to a *_feedback.json file (from "
@@ -123,6 +130,6 @@ def load_qa_feedback(path=None, *, on_error: str = "raise", **options) -> LoadRe
     rows, convert = Rows(on_error), (_pair if kind == "pair" else _pointwise)
     for n, record in iter_json_array(path):
         stats["records"] += 1
-        rows.add(convert, record, str(path), n, stats)
+        rows.add(convert, record, str(path), n, stats, passages)
     rows.result.stats = stats
     return rows.result
