@@ -45,8 +45,10 @@ def model_path() -> str:
     return resolve_model_path("smollm2-135m-instruct")
 
 
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def param_counts(model) -> dict:
+    """{"params": all parameters, "trainable": those with gradients} (MFU uses the first)."""
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 # ---------------------------------------------------------------------- ulma
@@ -88,8 +90,7 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
         seconds.append(time.perf_counter() - t0)
         tokens.append(sum(len(units.table.sequences[r].input_ids) for i in micro for r in units.rows[i]))
     return {"seconds": seconds, "tokens": tokens, "setup_seconds": {"reference_precompute": precompute},
-            "params": n_params(trainer.model), "trainable": sum(p.numel() for p in trainer.model.parameters()
-                                                                 if p.requires_grad)}
+            **param_counts(trainer.model)}
 
 
 # ---------------------------------------------------------------------- TRL
@@ -141,8 +142,7 @@ def run_trl(kind: str, lora: bool, data: Path, steps: int, work: Path, precomput
     t0 = time.perf_counter()
     trainer.train()
     return {"seconds": seconds, "tokens": tokens, "train_call_seconds": time.perf_counter() - t0,
-            "params": n_params(trainer.model),
-            "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+            **param_counts(trainer.model)}
 
 
 # ---------------------------------------------------------------------- forward-only
