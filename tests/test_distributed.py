@@ -153,9 +153,12 @@ def _has_deepspeed() -> bool:
     ("zero3.yaml", ["model.lora.enabled=false", "train.lr=1e-3"], "model.safetensors"),  # full, ZeRO-3
 ])
 def test_deepspeed_two_processes_match_one(config, extra, weights, tiny_model_dir, pointwise_file, tmp_path):
+    """2 DeepSpeed processes train like 1 process; the same run interrupted after step 2
+    resumes from the engine's checkpoint and ends with the uninterrupted run's weights."""
     import json
 
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    extra = extra + ["train.save_every=2"]  # checkpoints after steps 2 and 3
     _train_here(_args(tiny_model_dir, pointwise_file, one, 4) + extra)
     _accelerate_launch_n(CONFIGS / config, _args(tiny_model_dir, pointwise_file, two, 2) + extra)
     assert json.loads((two / "results.json").read_text())["distributed"] == "DEEPSPEED"
@@ -165,6 +168,22 @@ def test_deepspeed_two_processes_match_one(config, extra, weights, tiny_model_di
     assert w1.keys() == w2.keys()
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+    shutil.copytree(two, resumed)  # the 2-process run, interrupted after step 2
+    shutil.rmtree(resumed / "checkpoints" / "step-000003")
+    shutil.rmtree(resumed / "final")
+    (resumed / "results.json").unlink()
+    assert (resumed / "checkpoints" / "step-000002" / "deepspeed" / "engine").is_dir()
+    with pytest.raises(RuntimeError, match="distributed=DEEPSPEED, zero_stage=., processes=2 and this run has "
+                                           "distributed=NO, processes=1"):
+        _train_here(_args(tiny_model_dir, pointwise_file, resumed, 4) + extra + ["train.resume=true"])
+    _accelerate_launch_n(CONFIGS / config, _args(tiny_model_dir, pointwise_file, resumed, 2) + extra
+                         + ["train.resume=true"])
+    assert [r["step"] for r in metrics(resumed) if "loss" in r] == [1, 2, 3]
+    assert _losses(resumed) == pytest.approx(l2, rel=1e-5)
+    w3 = load_file(str(resumed / "final" / weights))
+    for k in w2:
+        assert torch.allclose(w2[k], w3[k], atol=1e-6), k
 
 
 def _accelerate_launch_n(config: Path, args: list[str]) -> None:

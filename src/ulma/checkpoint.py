@@ -3,7 +3,9 @@
 Layout of ``OUTPUT/checkpoints/step-000040/``:
   model/         Hugging Face format (the LoRA adapter, or the full model) + tokenizer
   trainer.pt     optimizer, scheduler and RNG states
-  state.json     step and results so far (written last: its presence marks a complete checkpoint)
+  deepspeed/     under DeepSpeed only: the engine's checkpoint (one optimizer partition per process)
+  state.json     step, results so far and how the run was launched (written last: its presence
+                 marks a complete checkpoint)
 """
 
 from __future__ import annotations
@@ -148,12 +150,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def staging_dir(out: Path, step: int) -> Path:
+    """A fresh temporary folder beside the checkpoint of ``step``, renamed into place by
+    :func:`save_checkpoint` (other processes may write their parts into it first)."""
+    return _atomic_dir(checkpoint_dir(out, step))
+
+
 def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int = 2,
-                    state_dict: dict | None = None, optimizer_state: dict | None = None) -> Path:
+                    state_dict: dict | None = None, optimizer_state: dict | None = None,
+                    tmp: Path | None = None) -> Path:
     """``state_dict`` / ``optimizer_state``: the full (gathered) states when the model is
-    sharded (FSDP); by default the model's and optimizer's own."""
-    target = out / "checkpoints" / f"step-{step:06d}"
-    tmp = _atomic_dir(target)
+    sharded (FSDP); by default the model's and optimizer's own.  ``tmp``: a folder from
+    :func:`staging_dir` that already holds parts of this checkpoint (DeepSpeed's engine
+    state); it is published with the rest or deleted."""
+    target = checkpoint_dir(out, step)
+    tmp = tmp or _atomic_dir(target)
     try:
         model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp / "model")

@@ -130,10 +130,9 @@ class Trainer:
         self.reference = Reference(self.model, keep_copy=keep_copy)
         if self.reference.copy is not None and self.fsdp:
             self._broadcast(self.reference.copy)
-        if self.resume_from is not None and self.deepspeed:
-            raise RuntimeError("train.resume under DeepSpeed is not supported yet: its checkpoints hold process 0's "
-                               "optimizer partition only (resume with DDP or FSDP instead)")
-        if self.resume_from is not None:  # before the model is sharded: a plain load of the full weights
+        if self.resume_from is not None:
+            self._check_resumable(self.resume_from)
+        if self.resume_from is not None and not self.deepspeed:  # before sharding: a plain load of the full weights
             ckpt.load_weights(self.model, self.resume_from / "model")
         self.pad_id = self.tokenizer.pad_token_id
         self._setup_optimizer()
@@ -397,12 +396,33 @@ class Trainer:
             raise NonFiniteLossError(f"step {step}: non-finite weights in {bad[:3]}; checkpoint not written")
         state_dict = self._full_state_dict()
         optimizer_state = self._full_optimizer_state()
+        tmp = self._save_engine(step) if self.deepspeed else None
         if self.acc.is_main_process:
+            state = {"step": step, "results": results, "launch": self._launch()}
             ckpt.save_checkpoint(self.out, step, self.acc.unwrap_model(self.model), self.tokenizer,
-                                 self.optimizer, self.scheduler, {"step": step, "results": results},
-                                 keep=self.cfg.train.keep_checkpoints, state_dict=state_dict,
-                                 optimizer_state=optimizer_state)
+                                 self.optimizer, self.scheduler, state, keep=self.cfg.train.keep_checkpoints,
+                                 state_dict=state_dict, optimizer_state=optimizer_state, tmp=tmp)
         self.acc.wait_for_everyone()
+
+    def _launch(self) -> dict:
+        """How this run is launched, as far as a checkpoint depends on it."""
+        launch = {"distributed": self._distributed_name(), "processes": self.acc.num_processes}
+        if self.deepspeed:
+            launch["zero_stage"] = self.acc.state.deepspeed_plugin.zero_stage
+        return launch
+
+    def _save_engine(self, step: int) -> Path:
+        """DeepSpeed's own checkpoint of the engine (every process writes its optimizer
+        partition) into the staging folder of the step's checkpoint: ZeRO's partitions
+        cannot be gathered into one optimizer state the way FSDP's can."""
+        from accelerate.utils import broadcast_object_list
+
+        tmp = [ckpt.staging_dir(self.out, step) if self.acc.is_main_process else None]
+        broadcast_object_list(tmp)
+        self.model.save_checkpoint(str(tmp[0] / "deepspeed"), tag="engine", save_latest=False,
+                                   exclude_frozen_parameters=True)
+        self.acc.wait_for_everyone()
+        return tmp[0]
 
     def _full_state_dict(self) -> dict:
         """The model's full state dict (all processes take part: gathers shards under
@@ -417,7 +437,10 @@ class Trainer:
     def _full_optimizer_state(self) -> dict | None:
         """Under FSDP each process holds its shard of the optimizer state: gathered here (all
         processes take part) into one full state keyed by parameter name, which any number
-        of processes can load.  None elsewhere: the optimizer's own state is complete."""
+        of processes can load.  Under DeepSpeed a pointer to the engine's checkpoint (its
+        partitions are saved there).  None elsewhere: the optimizer's own state is complete."""
+        if self.deepspeed:
+            return {"deepspeed": "the optimizer partitions are in deepspeed/engine/"}
         if not self.fsdp:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -443,12 +466,36 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=saved,
                                  options=StateDictOptions(full_state_dict=True))
 
+    def _check_resumable(self, found: Path) -> None:
+        """A DeepSpeed checkpoint holds one optimizer partition per process: it resumes under
+        DeepSpeed with the same ZeRO stage and number of processes, and nothing else resumes it
+        (nor it anything else).  Checkpoints of one process, DDP and FSDP resume each other."""
+        saved = json.loads((found / "state.json").read_text()).get("launch", {})
+        was_ds = saved.get("distributed") == "DEEPSPEED"
+        if not (was_ds or self.deepspeed):
+            return
+        now = self._launch()
+        keys = ("distributed", "zero_stage", "processes")
+        if [saved.get(k) for k in keys] != [now.get(k) for k in keys]:
+            def show(d):
+                return ", ".join(f"{k}={d.get(k)}" for k in keys if k in d) or "unknown"
+
+            raise RuntimeError(
+                f"checkpoint {found} was written with {show(saved)} and this run has {show(now)}: a DeepSpeed "
+                "checkpoint resumes only under DeepSpeed with the same ZeRO stage and number of processes "
+                "(its optimizer state is partitioned), and DeepSpeed resumes only its own checkpoints")
+
     def _maybe_resume(self) -> tuple[int, dict]:
-        found = self.resume_from  # its weights were loaded before the model was prepared
+        found = self.resume_from  # its weights were loaded before the model was prepared (not under DeepSpeed)
         if found is None:
             self._truncate_metrics(0)
             return 0, {}
-        state = ckpt.load_trainer_state(found, self.optimizer, self.scheduler, load_optimizer=self._load_optimizer_state)
+        load_optimizer = self._load_optimizer_state
+        if self.deepspeed:  # weights and optimizer partitions from the engine's own checkpoint
+            self.model.load_checkpoint(str(found / "deepspeed"), tag="engine", load_module_strict=False,
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+            load_optimizer = lambda saved: None  # noqa: E731 (the engine restored it)
+        state = ckpt.load_trainer_state(found, self.optimizer, self.scheduler, load_optimizer=load_optimizer)
         self._truncate_metrics(state["step"])
         return state["step"], state.get("results", {})
 
