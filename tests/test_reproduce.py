@@ -309,6 +309,27 @@ def test_claim_c_compares_ulmas_gain_seed_by_seed():
     assert [o.result for o in c.outcomes] == ["better", "even"] and c.verdict == EVEN
 
 
+def test_a_judge_at_chance_decides_nothing():
+    from ulma.reproduce.claims import judge_better_than_chance
+
+    # 26/48 agree, 22/48 disagree: intervals [0.40, 0.69] and [0.31, 0.60] overlap -> at chance
+    coin = {"ci": {"agree": [0.396, 0.688], "disagree": [0.313, 0.604]}}
+    good = {"ci": {"agree": [0.69, 0.92], "disagree": [0.08, 0.31]}}  # 39/48 agree
+    tie_heavy = {"ci": {"agree": [0.30, 0.55], "disagree": [0.05, 0.25]}}  # many ties, still informative
+    assert [judge_better_than_chance(a) for a in (coin, good, tie_heavy)] == [False, True, True]
+    # SFT's win & tie is apart below Positive DPO's (alone: contradicted); perplexity clearly for SFT
+    results = (runs("sft", "hh", [0.50, 0.52, 0.49], [9.0, 9.1, 9.0])
+               + runs("positive_dpo", "hh", [0.80, 0.82, 0.81], [12.0, 12.2, 12.1]))
+    names = {"hh": "hh", "golden_hh": None, "red_team": None, "qa_feedback": None}
+    assert verdicts(results)["(d)"].verdict == CONTRADICTED
+    d = {v.label: v for v in judge_claims(results, names, at_chance={"hh"})}["(d)"]
+    assert [o.result for o in d.outcomes] == ["unjudged", "better"] and d.verdict == SUPPORTED
+    assert d.details == ("perplexity: 1 for, 0 against, 0 overlapping of 1. win & tie on hh not used: the judge's "
+                         "agreement with human labels there is not better than chance.")
+    assert {v.label: v for v in judge_claims(runs("sft", "hh", [0.5, 0.6]) + runs("positive_dpo", "hh", [0.8, 0.9]),
+                                             names, at_chance={"hh"})}["(d)"].verdict == EVEN
+
+
 # ------------------------------------------------------------------ the paper scale, dry
 
 

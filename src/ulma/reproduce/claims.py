@@ -13,6 +13,11 @@ A claim gathers comparisons (both metrics: the judge's win & tie, higher is bett
 perplexity, lower is better) and is **supported** when every comparison that could be made
 goes its way, **contradicted** when any goes against it, **not distinguishable at this size**
 otherwise, and **not run** when none could be made.
+
+A judge whose agreement with held-out human labels was measured and is not better than chance
+on a data set (its agree interval does not lie above its disagree interval) decides nothing
+there: its win & tie comparisons are *unjudged* and left out, and the verdict says so.  Win
+rates from a coin would otherwise contradict or support claims at random.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ class Outcome:
     a: str
     b: str
     metric: str
-    result: str  # better | worse | even | missing
+    result: str  # better | worse | even | missing | unjudged (the judge is at chance on this data set)
 
     def text(self) -> str:
         return f"{self.a} vs {self.b} on {self.dataset} ({self.metric})"
@@ -100,9 +105,21 @@ class Verdict:
         return f"- **{self.label}** {self.claim}: **{self.verdict}**." + (f" {self.details}" if self.details else "")
 
 
+def judge_better_than_chance(agreement: dict) -> bool:
+    """From an ``agreement.json``: the judge agrees with the human labels more often than it
+    disagrees, with the 95% intervals apart (for a judge that never ties: agree > 50% with
+    the interval's low end above it)."""
+    agree, disagree = agreement["ci"]["agree"], agreement["ci"]["disagree"]
+    return agree[0] > disagree[1]
+
+
+def _decided(outcomes: list[Outcome]) -> list[Outcome]:
+    return [o for o in outcomes if o.result not in ("missing", "unjudged")]
+
+
 def beats(outcomes: list[Outcome]) -> str:
     """The verdict of "A beats B" comparisons."""
-    have = [o for o in outcomes if o.result != "missing"]
+    have = _decided(outcomes)
     if not have:
         return NOT_RUN
     if any(o.result == "worse" for o in have):
@@ -114,15 +131,18 @@ def tally(outcomes: list[Outcome]) -> str:
     """Per metric: how many comparisons went for, against, or overlapped; which went against."""
     parts = []
     for m in METRICS:
-        mine = [o for o in outcomes if o.metric == m.label and o.result != "missing"]
+        mine = [o for o in _decided(outcomes) if o.metric == m.label]
         if mine:
             n = {r: sum(o.result == r for o in mine) for r in ("better", "worse", "even")}
             parts.append(f"{m.label}: {n['better']} for, {n['worse']} against, {n['even']} overlapping "
                          f"of {len(mine)}")
     against = [o.text() for o in outcomes if o.result == "worse"]
     missing = sum(o.result == "missing" for o in outcomes)
+    unjudged = sorted({o.dataset for o in outcomes if o.result == "unjudged"})
     sentences = ["; ".join(parts)] if parts else []
     sentences += ["Against: " + ", ".join(against)] if against else []
+    sentences += [f"win & tie on {', '.join(unjudged)} not used: the judge's agreement with human labels "
+                  "there is not better than chance"] if unjudged else []
     sentences += [f"{missing} comparison(s) lack a cell"] if missing else []
     return "".join(f"{x}. " for x in sentences).strip()
 
@@ -130,10 +150,11 @@ def tally(outcomes: list[Outcome]) -> str:
 class Evidence:
     """The runs, grouped by (method, data set), and which data set fills each slot."""
 
-    def __init__(self, results: list, names: dict, confidence: float = 0.95):
+    def __init__(self, results: list, names: dict, confidence: float = 0.95, at_chance: set | None = None):
         self.groups = group([r for r in results if r.perplexity is not None or r.criteria])
         self.names = {slot: n for slot, n in names.items() if n}  # slot -> data set name (run at this scale)
         self.confidence = confidence
+        self.at_chance = at_chance or set()  # data sets whose judge is not better than chance
 
     def runs(self, method: str, dataset: str) -> list:
         return self.groups.get((method, dataset), [])
@@ -142,8 +163,13 @@ class Evidence:
         return [self.names[s] for s in slots if s in self.names]
 
     def outcomes(self, a: str, b: str, datasets: list[str]) -> list[Outcome]:
-        return [Outcome(d, a, b, m.label, compare(self.runs(a, d), self.runs(b, d), m, self.confidence))
-                for d in datasets for m in METRICS]
+        return [Outcome(d, a, b, m.label, self._compare(a, b, d, m)) for d in datasets for m in METRICS]
+
+    def _compare(self, a: str, b: str, dataset: str, metric: Metric) -> str:
+        result = compare(self.runs(a, dataset), self.runs(b, dataset), metric, self.confidence)
+        if metric.name == "win_tie" and dataset in self.at_chance and result != "missing":
+            return "unjudged"
+        return result
 
 
 def claim_a(ev: Evidence) -> Verdict:
@@ -157,7 +183,7 @@ def claim_b(ev: Evidence) -> Verdict:
     text = "point-wise DPO is about equal to DPO on pair data (HH, Golden HH) and better on point-wise data"
     equal = ev.outcomes("pointwise_dpo", "dpo", ev.datasets(PAIR_SLOTS))
     better = ev.outcomes("pointwise_dpo", "dpo", ev.datasets(POINTWISE_SLOTS))
-    eq_have, bt_have = [o for o in equal if o.result != "missing"], [o for o in better if o.result != "missing"]
+    eq_have, bt_have = _decided(equal), _decided(better)
     if not eq_have and not bt_have:
         return Verdict("(b)", text, NOT_RUN, "", equal + better)
     separated = [o for o in eq_have if o.result != "even"]
@@ -213,7 +239,8 @@ def claim_e(ev: Evidence) -> Verdict:
     return Verdict("(e)", "on negatives only, Negative DPO beats Unlearning", beats(outs), tally(outs), outs)
 
 
-def judge_claims(results: list, names: dict, confidence: float = 0.95) -> list[Verdict]:
-    """Verdicts on (a)-(e) from RunResults; ``names``: slot -> the data set run in it (or None)."""
-    ev = Evidence(results, names, confidence)
+def judge_claims(results: list, names: dict, confidence: float = 0.95, at_chance: set | None = None) -> list[Verdict]:
+    """Verdicts on (a)-(e) from RunResults; ``names``: slot -> the data set run in it (or None);
+    ``at_chance``: data sets whose judge is not better than chance (its win rates are not used)."""
+    ev = Evidence(results, names, confidence, at_chance)
     return [claim_a(ev), claim_b(ev), claim_c(ev), claim_d(ev), claim_e(ev)]

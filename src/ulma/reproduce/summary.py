@@ -17,7 +17,7 @@ from pathlib import Path
 from ulma.checkpoint import atomic_write_json, atomic_write_text
 from ulma.evaluation.io import EvalError, read_json
 from ulma.evaluation.report import TableLayout, default_criterion, load_result, markdown, plot_bars
-from ulma.reproduce.claims import judge_claims
+from ulma.reproduce.claims import judge_better_than_chance, judge_claims
 from ulma.reproduce.experiments import TABLES
 from ulma.reproduce.context import Context
 from ulma.reproduce.jobs import MARKER
@@ -47,6 +47,11 @@ def agreement_results(ctx: Context, datasets: list) -> list:
         if (ctx.judge_dir(ds) / MARKER).exists() and (folder / "agreement.json").exists():
             out.append(load_result(folder))
     return out
+
+
+def judges_at_chance(ctx: Context, datasets: list) -> set:
+    """The data sets whose judge's measured agreement with human labels is not better than chance."""
+    return {r.dataset for r in agreement_results(ctx, datasets) if not judge_better_than_chance(r.agreement)}
 
 
 def judge_text(ctx: Context) -> str:
@@ -154,7 +159,7 @@ def write_report(ctx: Context, tables: list, seeds: int) -> Path:
         atomic_write_text(ctx.out / f"{t.name}.md", text)
         sections.append(text)
     names = {slot: (None if ds.unavailable else ds.name) for slot, ds in ctx.slots.items()}
-    verdicts = judge_claims(results, names)
+    verdicts = judge_claims(results, names, at_chance=judges_at_chance(ctx, sorted({r.dataset for r in results})))
     sections.append("## The paper's claims\n\n" + "\n".join(v.line() for v in verdicts) + "\n")
     sections.append(timings(markers, ctx.out))
     atomic_write_json(ctx.out / "claims.json", [{**dataclasses.asdict(v), "outcomes": [dataclasses.asdict(o) for o in
