@@ -13,7 +13,7 @@ from ulma.cli import main
 from ulma.data.schema import pair, pointwise
 from ulma.data.sources import prompt_key
 from ulma.evaluation.report import RunResult
-from ulma.reproduce.claims import CONTRADICTED, EVEN, NOT_RUN, SUPPORTED, judge_claims
+from ulma.reproduce.claims import CONTRADICTED, EVEN, NOT_RUN, SUPPORTED, SUPPORTED_WHERE_RUN, judge_claims
 from ulma.reproduce.experiments import DataSet
 from ulma.reproduce.scales import SplitScale
 from ulma.reproduce.splits import cap_prompts, prepare_split, read_part, three_way_split
@@ -326,6 +326,11 @@ def test_a_judge_at_chance_decides_nothing():
     assert [o.result for o in d.outcomes] == ["unjudged", "better"] and d.verdict == SUPPORTED
     assert d.details == ("perplexity: 1 for, 0 against, 0 overlapping of 1. win & tie on hh not used: the judge's "
                          "agreement with human labels there is not better than chance.")
+    # the same on HH, and red-team run for SFT only: every comparison made is for, one is missing
+    names["red_team"] = "pyrit"
+    d = {v.label: v for v in judge_claims(results + runs("sft", "pyrit", [0.5]), names, at_chance={"hh"})}["(d)"]
+    assert d.verdict == SUPPORTED_WHERE_RUN and d.details.endswith("2 comparison(s) lack a cell.")
+    names["red_team"] = None
     assert {v.label: v for v in judge_claims(runs("sft", "hh", [0.5, 0.6]) + runs("positive_dpo", "hh", [0.8, 0.9]),
                                              names, at_chance={"hh"})}["(d)"].verdict == EVEN
 

@@ -73,7 +73,7 @@ def load_result(folder: str | Path) -> RunResult:
     if not found:
         raise FileNotFoundError(f"{folder}: no perplexity.json, judge_summary.json or agreement.json "
                                 "(run `ulma eval perplexity|judge` first)")
-    meta = {**found.get("judge_summary", {}), **found.get("perplexity", {}).get("meta", {})}
+    meta = {**found.get("agreement", {}), **found.get("judge_summary", {}), **found.get("perplexity", {}).get("meta", {})}
     ppl = found.get("perplexity", {})
     return RunResult(
         str(folder), meta.get("method") or "base", meta.get("dataset") or "data", meta.get("seed"),

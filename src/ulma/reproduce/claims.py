@@ -31,6 +31,7 @@ from ulma.evaluation.winrates import t_interval
 from ulma.reproduce.experiments import MAIN_METHODS, PAIR_SLOTS, POINTWISE_SLOTS
 
 SUPPORTED, CONTRADICTED, EVEN, NOT_RUN = "supported", "contradicted", "not distinguishable at this size", "not run"
+SUPPORTED_WHERE_RUN = "supported where run"  # every comparison made goes its way, but some cells were not run
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,9 @@ def beats(outcomes: list[Outcome]) -> str:
         return NOT_RUN
     if any(o.result == "worse" for o in have):
         return CONTRADICTED
-    return SUPPORTED if all(o.result == "better" for o in have) else EVEN
+    if not all(o.result == "better" for o in have):
+        return EVEN
+    return SUPPORTED_WHERE_RUN if any(o.result == "missing" for o in outcomes) else SUPPORTED
 
 
 def tally(outcomes: list[Outcome]) -> str:

@@ -49,9 +49,10 @@ def agreement_results(ctx: Context, datasets: list) -> list:
     return out
 
 
-def judges_at_chance(ctx: Context, datasets: list) -> set:
+def judges_at_chance(ctx: Context) -> set:
     """The data sets whose judge's measured agreement with human labels is not better than chance."""
-    return {r.dataset for r in agreement_results(ctx, datasets) if not judge_better_than_chance(r.agreement)}
+    run = [ds for ds in ctx.slots.values() if not ds.unavailable]
+    return {r.dataset for r in agreement_results(ctx, run) if not judge_better_than_chance(r.agreement)}
 
 
 def judge_text(ctx: Context) -> str:
@@ -159,7 +160,7 @@ def write_report(ctx: Context, tables: list, seeds: int) -> Path:
         atomic_write_text(ctx.out / f"{t.name}.md", text)
         sections.append(text)
     names = {slot: (None if ds.unavailable else ds.name) for slot, ds in ctx.slots.items()}
-    verdicts = judge_claims(results, names, at_chance=judges_at_chance(ctx, sorted({r.dataset for r in results})))
+    verdicts = judge_claims(results, names, at_chance=judges_at_chance(ctx))
     sections.append("## The paper's claims\n\n" + "\n".join(v.line() for v in verdicts) + "\n")
     sections.append(timings(markers, ctx.out))
     atomic_write_json(ctx.out / "claims.json", [{**dataclasses.asdict(v), "outcomes": [dataclasses.asdict(o) for o in
