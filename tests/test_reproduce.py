@@ -309,6 +309,18 @@ def test_claim_c_compares_ulmas_gain_seed_by_seed():
     assert [o.result for o in c.outcomes] == ["better", "even"] and c.verdict == EVEN
 
 
+def test_an_agreement_folder_keeps_its_data_set(tmp_path):
+    import json
+
+    from ulma.evaluation.report import load_result
+
+    agreement = {"dataset": "hh", "criterion": "harmless", "pairs": 48, "agree": 0.54, "tie": 0.0, "disagree": 0.46,
+                 "ci": {"agree": [0.40, 0.69], "tie": [0, 0], "disagree": [0.31, 0.60]}}
+    (tmp_path / "agreement.json").write_text(json.dumps(agreement))
+    r = load_result(tmp_path)
+    assert (r.dataset, r.agreement["pairs"]) == ("hh", 48)  # the claims' judge gate matches it to the cells' data set
+
+
 def test_a_judge_at_chance_decides_nothing():
     from ulma.reproduce.claims import judge_better_than_chance
 
