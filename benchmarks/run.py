@@ -43,7 +43,9 @@ LEVERS = [
     ("ulma-ulma-lora", "ulma-ulma-lora-ungrouped", "batches grouped by length"),
     ("ulma-ulma-lora", "ulma-ulma-lora-live-reference", "reference log-probs precomputed (vs a reference forward per step)"),
     ("ulma-ulma-lora", "ulma-ulma-lora-checkpointed", "no gradient checkpointing (off by default: a memory lever)"),
-    ("forward-ulma", "forward-plain", "forward-only: length-sorted batches, logits only from the response on, "
+    ("ulma-ulma-lora", "ulma-ulma-lora-unfused", "fused output layer: logits only at response tokens, chunked (LoRA)"),
+    ("ulma-ulma-full", "ulma-ulma-full-unfused", "fused output layer (full fine-tuning)"),
+    ("forward-ulma", "forward-plain", "forward-only: length-sorted batches, output layer only at response tokens, "
                                       "chunked float32 logsumexp (vs plain loop)"),
 ]
 
@@ -137,7 +139,7 @@ def collect(runs: list[dict], warmup: int) -> dict:
 
 # Workloads whose timed steps exclude a reference pass done once before training.
 PRECOMPUTED = {"ulma-ulma-lora", "ulma-ulma-full", "ulma-dpo-lora", "ulma-dpo-full", "ulma-ulma-lora-ungrouped",
-               "ulma-ulma-lora-checkpointed", "trl-dpo-full"}
+               "ulma-ulma-lora-checkpointed", "ulma-ulma-lora-unfused", "ulma-ulma-full-unfused", "trl-dpo-full"}
 
 
 def one_epoch(results: dict, name: str) -> float:

@@ -39,3 +39,68 @@ def test_logits_for_the_last_positions_only_give_the_same_result():
     full_total, _ = sequence_logps(logits, ids, mask)
     part_total, part_count = sequence_logps(logits[:, -k:], ids, mask)
     assert torch.allclose(full_total, part_total) and part_count.tolist() == [2, 2]
+
+
+# ------------------------------------------------------------------ the fused output layer
+
+
+def test_linear_token_logps_match_log_softmax_values_and_gradients():
+    from ulma.logprobs import LinearTokenLogps
+
+    torch.manual_seed(2)
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 13, (7,))
+    g = torch.randn(7, dtype=torch.float64)
+    # second implementation: the full log-softmax over the vocabulary, autograd's gradients
+    ref = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
+    gh, gw = torch.autograd.grad((ref * g).sum(), (hidden, weight))
+    out = LinearTokenLogps.apply(hidden, weight, targets, 3)  # 3 chunks: 3 + 3 + 1 positions
+    fh, fw = torch.autograd.grad((out * g).sum(), (hidden, weight))
+    assert out.dtype == torch.float32 and torch.allclose(out.double(), ref, atol=1e-5)
+    assert torch.allclose(fh, gh, atol=1e-10) and torch.allclose(fw, gw, atol=1e-10)
+
+
+def _batch(tokenizer):
+    from ulma.data.schema import Turn
+    from ulma.data.tokenize import SequenceTable, Tokenizer, pad_rows
+
+    tok, table = Tokenizer(tokenizer, max_length=48), SequenceTable()
+    for prompt, response in [("How do I bake bread?", "Mix flour, water, yeast and salt, then knead and bake."),
+                             ("Hi", "Hello! How can I help?"), ("Tell me a secret.", "No.")]:
+        tok.add(table, (Turn(role="user", content=prompt),), response, "test")
+    return pad_rows(table, [0, 1, 2], tokenizer.pad_token_id)
+
+
+def test_fused_output_layer_equals_the_models_logits(tiny_model_dir, tokenizer):
+    """Log-probs, per-token log-probs and every trainable gradient, LoRA and full fine-tuning,
+    are those of the model's own logits (the tiny model ties lm_head to the embeddings)."""
+    from ulma.config import LoraConfig, ModelConfig
+    from ulma.logprobs import forward_logps, fusable_head
+    from ulma.models import load_policy
+
+    batch = _batch(tokenizer)
+    for lora in (True, False):
+        torch.manual_seed(0)
+        model = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(enabled=lora, dropout=0.0)))
+        if lora:  # a non-zero adapter, so the LoRA path shows in the hidden states
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    torch.nn.init.normal_(p, std=0.02)
+        assert fusable_head(model) is not None
+        results, grads = [], []
+        for fused in (True, False):
+            model.zero_grad()
+            out = forward_logps(model, batch, bf16=False, need_tokens=True, fused=fused)
+            (out["sum"] * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+            results.append(out)
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        f, u = results
+        assert torch.equal(f["count"], u["count"]) and f["count"].tolist() == batch["loss_mask"][:, 1:].sum(-1).tolist()
+        assert torch.allclose(f["sum"], u["sum"], rtol=1e-5, atol=1e-4)
+        k = u["tokens"].shape[1]  # the unfused path keeps the last k positions only
+        assert torch.allclose(f["tokens"][:, -k:], u["tokens"], atol=1e-5) and not f["tokens"][:, :-k].any()
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+        for n in grads[0]:
+            a, b = grads[0][n], grads[1][n]
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max())), n

@@ -92,6 +92,7 @@ class TrainConfig:
     overwrite: bool = False  # replace an earlier run in output_dir (otherwise that is an error)
     group_by_length: bool = True  # batches of similar length: less padding
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
+    fused_logps: bool = True  # output layer only at scored positions, chunked: no [N, T, V] logits (logprobs.py)
     progress: bool = True
     log_every: int = 1
 

@@ -86,8 +86,81 @@ def logits_to_keep(loss_mask: torch.Tensor) -> int:
     return loss_mask.shape[1] - max(first - 1, 0)
 
 
-def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False):
-    """Run ``model`` on a collated batch; returns dict(sum [N], count [N], and tokens/mask)."""
+class LinearTokenLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] for M scored positions, ``chunk`` at a time.
+
+    hidden [M, H], weight [V, H] (the output layer), targets [M] -> float32 [M].  The
+    [M, V] logits exist one chunk ([chunk, V]) at a time, in the forward and again in the
+    backward, which recomputes them: no [N, T, V] logits, no [N, T, V] logits gradient.
+    Gradient: d logp / d logits = onehot(target) - softmax(logits).  The matrix products
+    run in the autocast dtype when autocast is on (as the model's own output layer
+    would), the log-sum-exp in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int):
+        dt = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else hidden.dtype
+        w = weight.to(dt)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s : s + chunk].to(dt) @ w.T).float()
+            out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - logits.logsumexp(-1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk, ctx.dt = chunk, dt
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets = ctx.saved_tensors
+        w = weight.to(ctx.dt)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] \
+            else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s : s + ctx.chunk].to(ctx.dt)
+            p = (h @ w.T).float().softmax(-1)  # [c, V]
+            p.scatter_add_(1, targets[s : s + ctx.chunk, None], -torch.ones_like(p[:, :1]))  # softmax - onehot
+            d_logits = (p * -grad[s : s + ctx.chunk, None]).to(ctx.dt)  # dL/dlogits = g * (onehot - softmax)
+            if grad_h is not None:
+                grad_h[s : s + ctx.chunk] = (d_logits @ w).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += (d_logits.T @ h).float()
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+FUSED_CHUNK = 512  # scored positions per chunk: [512, 49k] float32 logits = 100 MB for SmolLM2
+
+
+def fusable_head(model):
+    """The output layer when log-probs can be taken from the final hidden states with
+    :class:`LinearTokenLogps`: a bias-free Linear whose weight is a whole tensor here (not
+    sharded by FSDP or ZeRO-3) and no logit scaling or soft-capping in the model.  None
+    otherwise (the model's own logits are used)."""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if get else None
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    w = head.weight
+    if type(w) not in (torch.Tensor, torch.nn.Parameter) or hasattr(w, "ds_id") or w.numel() == 0:
+        return None
+    cfg = getattr(inner, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    return head
+
+
+def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, fused: bool = True):
+    """Run ``model`` on a collated batch; returns dict(sum [N], count [N], and tokens/mask).
+
+    ``fused`` (where :func:`fusable_head` allows): the output layer is applied only at the
+    scored positions, chunk by chunk (:class:`LinearTokenLogps`), from the final hidden
+    states; otherwise from the model's logits of the last positions (:func:`token_logps`).
+    """
+    head = fusable_head(model) if fused else None
+    if head is not None:
+        return _fused_logps(model, head, batch, bf16, need_tokens)
     device = next(model.parameters()).device
     with autocast(device, bf16):
         logits = model(
@@ -101,3 +174,19 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False):
     if need_tokens:
         out["tokens"], out["mask"] = logps, mask
     return out
+
+
+def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool) -> dict:
+    device = head.weight.device
+    ids, loss_mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
+    mask = loss_mask[:, 1:]  # position t's hidden state scores token t+1
+    with autocast(device, bf16):
+        out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1)  # the model's own logits: 1 position
+        hidden = out.hidden_states[-1][:, :-1]  # [N, T-1, H], after the final norm
+        values = LinearTokenLogps.apply(hidden[mask], head.weight, ids[:, 1:][mask], FUSED_CHUNK)
+    logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, values)
+    result = {"sum": logps.sum(-1), "count": mask.sum(-1)}
+    if need_tokens:
+        result["tokens"], result["mask"] = logps, mask
+    return result

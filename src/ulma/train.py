@@ -207,7 +207,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _inputs(self, batch: dict, ref: dict | None) -> LossInputs:
         m = self.cfg.method
-        out = forward_logps(self.model, batch, bf16=self.bf16, need_tokens=self.method.token_level)
+        out = forward_logps(self.model, batch, bf16=self.bf16, need_tokens=self.method.token_level,
+                            fused=self.cfg.train.fused_logps)
         policy = reduce_logps(out["sum"], out["count"], m.logp_reduction)
         ref_logps = None
         if self.method.needs_reference:
@@ -224,7 +225,7 @@ class Trainer:
             total, count = batch["ref_sum"], batch["ref_count"]
         else:
             with self.reference.model() as net:
-                r = forward_logps(net, batch, bf16=self.bf16)
+                r = forward_logps(net, batch, bf16=self.bf16, fused=self.cfg.train.fused_logps)
             total, count = r["sum"], r["count"]
         dev = self.acc.device
         return reduce_logps(total.to(dev), count.to(dev), m.logp_reduction)
@@ -358,7 +359,8 @@ class Trainer:
         show = self.cfg.train.progress and self.acc.is_main_process
         size = self.cfg.train.micro_batch_size
         out = table_logps(net, table, self.pad_id, size, self.bf16, rows=list(range(rank, len(table), world)),
-                          desc=desc, progress=show, min_batches=math.ceil(math.ceil(len(table) / world) / size))
+                          desc=desc, progress=show, min_batches=math.ceil(math.ceil(len(table) / world) / size),
+                          fused=self.cfg.train.fused_logps)
         if world > 1:
             out = {k: self.acc.reduce(v.to(self.acc.device), "sum").cpu() for k, v in out.items()}
         return out

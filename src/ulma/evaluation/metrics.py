@@ -23,7 +23,7 @@ from ulma.methods import LossInputs
 
 @torch.no_grad()
 def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: list[int] | None = None,
-                desc: str = "log-probs", progress: bool = True, min_batches: int = 0) -> dict:
+                desc: str = "log-probs", progress: bool = True, min_batches: int = 0, fused: bool = True) -> dict:
     """Sum and count of response-token log-probs for rows of a table: {"sum": [N], "count": [N]}.
 
     Rows are run longest first in batches of similar length (less padding).  At least
@@ -40,11 +40,11 @@ def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: li
     model.eval()
     for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         chunk = order[s : s + batch_size]
-        out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16)
+        out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16, fused=fused)
         total[chunk] = out["sum"].float().cpu()
         count[chunk] = out["count"].cpu()
     for _ in range(min_batches - math.ceil(len(order) / batch_size) if len(table) else 0):
-        forward_logps(model, pad_rows(table, [0], pad_id), bf16=bf16)
+        forward_logps(model, pad_rows(table, [0], pad_id), bf16=bf16, fused=fused)
     model.train(was_training)
     return {"sum": total, "count": count}
 
