@@ -147,10 +147,10 @@ def one_epoch(results: dict, name: str) -> float:
     is scored once more by a forward-only pass (ulma's table_logps; TRL's precompute is a plain
     model(**batch) loop).  Equal to the step rate for runs that do the reference forward in-step."""
     rate = results[name]["tokens_per_s"]
-    fwd = results.get("forward-plain" if name.startswith("trl") else "forward-ulma")
-    if name not in PRECOMPUTED or not fwd:
+    if name not in PRECOMPUTED:
         return rate
-    return 1 / (1 / rate + 1 / fwd["tokens_per_s"])
+    fwd = results.get("forward-plain" if name.startswith("trl") else "forward-ulma")
+    return 1 / (1 / rate + 1 / fwd["tokens_per_s"]) if fwd else None  # None: the forward rate was not measured
 
 
 def table(results: dict, peak: dict) -> str:
@@ -167,7 +167,8 @@ def table(results: dict, peak: dict) -> str:
             flops = 6 * ra["params"] * ra["tokens_per_s"]
             mfu = f"{flops / peak['fp32']:.1%} / {flops / peak['bf16']:.1%}"
         speed = ra["tokens_per_s"] / rb["tokens_per_s"]
-        epoch = f"{one_epoch(results, a) / one_epoch(results, b):.2f}x" if a in PRECOMPUTED else "—"
+        ea, eb = one_epoch(results, a), one_epoch(results, b)
+        epoch = f"{ea / eb:.2f}x" if a in PRECOMPUTED and ea and eb else "—"
         lines.append(f"| {what} | {ra['s_per_step']:.2f} | {rb['s_per_step']:.2f} | {ra['tokens_per_s']:.0f} | "
                      f"{rb['tokens_per_s']:.0f} | **{speed:.2f}x** | {epoch} | {ra['peak_rss_mb']:.0f} | "
                      f"{rb['peak_rss_mb']:.0f} | {ra['peak_rss_mb'] / rb['peak_rss_mb']:.2f} | {mfu} |")
@@ -181,9 +182,10 @@ def lever_table(results: dict) -> str:
     for on, off, what in LEVERS:
         if on in results and off in results:
             a, b = results[on], results[off]
-            epoch = one_epoch(results, on) / one_epoch(results, off)
+            ea, eb = one_epoch(results, on), one_epoch(results, off)
+            epoch = f"{ea / eb:.2f}x" if ea and eb else "—"
             lines.append(f"| {what} | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | "
-                         f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {epoch:.2f}x | {a['peak_rss_mb']:.0f} | "
+                         f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {epoch} | {a['peak_rss_mb']:.0f} | "
                          f"{b['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
