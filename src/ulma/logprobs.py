@@ -24,13 +24,16 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.
     start = input_ids.shape[1] - logits.shape[1] + 1
     targets = input_ids[:, start:]
     mask = loss_mask[:, start:]
-    out = []
-    for start in range(0, logits.shape[0], chunk_rows):
-        lg = logits[start : start + chunk_rows, :-1]
-        picked = torch.gather(lg, -1, targets[start : start + chunk_rows, :, None]).squeeze(-1).float()
-        out.append(picked - torch.logsumexp(lg.float(), dim=-1))
+    out = [_picked_logps(logits[s : s + chunk_rows, :-1], targets[s : s + chunk_rows])
+           for s in range(0, logits.shape[0], chunk_rows)]
     logps = torch.cat(out) * mask
     return logps, mask
+
+
+def _picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [..., V], targets [...] -> float32 log-softmax at the targets (log-sum-exp in float32)."""
+    picked = torch.gather(logits, -1, targets[..., None]).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
 def sequence_logps(logits, input_ids, loss_mask):
@@ -104,8 +107,7 @@ class LinearTokenLogps(torch.autograd.Function):
         w = weight.to(dt)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s : s + chunk].to(dt) @ w.T).float()
-            out[s : s + chunk] = logits.gather(1, targets[s : s + chunk, None]).squeeze(1) - logits.logsumexp(-1)
+            out[s : s + chunk] = _picked_logps(hidden[s : s + chunk].to(dt) @ w.T, targets[s : s + chunk])
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk, ctx.dt = chunk, dt
         return out
