@@ -5,9 +5,10 @@ ulma and TRL alternating within each pair and the order flipping every round, so
 slow spell of a shared machine hits both. Prints one table and writes it, with the
 machine's description, to benchmarks/results/<time>.json and results/latest.{json,md}.
 
-Same model (SmolLM2-135M-Instruct, offline), same rows (Anthropic HH harmless pairs
-whose prompt + reply fit in 256 tokens), micro-batch 8, max length 256, fp32 unless
-bf16 matrix products are fast here (they are emulated on CPUs without AMX/AVX512-BF16).
+Same model (SmolLM2-135M-Instruct, offline, unless --model names a folder), same rows
+(Anthropic HH harmless pairs whose prompt + reply fit in 256 tokens), micro-batch 8,
+max length 256, fp32 unless bf16 matrix products are fast here (they are emulated on
+CPUs without AMX/AVX512-BF16). On a GPU, memory is the peak allocated GPU memory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -33,7 +35,6 @@ PAIRS = [
     ("ulma-ulma-full", "trl-kto-full", "ULMA vs TRL KTOTrainer, full fine-tuning"),
     ("ulma-dpo-lora", "trl-dpo-lora", "DPO vs TRL DPOTrainer, LoRA r=8"),
     ("ulma-dpo-full", "trl-dpo-full", "DPO vs TRL DPOTrainer (precomputed reference), full"),
-    ("ulma-ulma-lora", "ulma-ulma-lora-checkpointed", "no gradient checkpointing (off by default: a memory lever)"),
     ("forward-ulma", "forward-plain", "reference log-probs vs plain model(**batch) + fp32 log_softmax"),
     ("generate-ulma", "generate-plain", "greedy generation, batched vs model.generate per prompt"),
 ]
@@ -50,14 +51,14 @@ LEVERS = [
 ]
 
 
-def write_data(out: Path, n_pairs: int, max_tokens: int) -> dict:
+def write_data(out: Path, n_pairs: int, max_tokens: int, model: str = "smollm2-135m-instruct") -> dict:
     """The same rows for every tool: TRL's conversational formats, which ulma reads as they are."""
     from transformers import AutoTokenizer
 
     from ulma.data.sources import load_source
     from ulma.models import resolve_model_path
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m-instruct"))
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(model))
     loaded = load_source("hh", str(HH), on_error="skip")
 
     def fits(prompt, reply) -> bool:
@@ -113,18 +114,34 @@ def precision(setting: str) -> str:
     return "bf16" if bf16_is_fast(torch.device("cuda" if torch.cuda.is_available() else "cpu")) else "fp32"
 
 
-def run_one(name: str, data: Path, work: Path, steps: int, args) -> dict:
+def run_one(name: str, data: Path, work: Path, steps: int, args) -> dict | None:
+    """One workload in its own process; None when it failed and --keep-going is set."""
     out = work / f"{name}.json"
     cmd = [sys.executable, str(HERE / "workloads.py"), name, "--data", str(data), "--work", str(work / name),
-           "--out", str(out), "--steps", str(steps), "--rows", str(args.rows), "--new-tokens", str(args.new_tokens)]
+           "--out", str(out), "--steps", str(steps), "--rows", str(args.rows), "--prompts", str(args.prompts),
+           "--new-tokens", str(args.new_tokens)]
     print(f"  {name} ...", end="", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stdout.write("\n" + proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"workload {name} failed (exit {proc.returncode})")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        failure = f"exit {proc.returncode}" if proc.returncode != 0 else None
+        log = proc.stdout[-3000:] + proc.stderr[-6000:]
+    except subprocess.TimeoutExpired as e:
+        failure, log = f"over --timeout {args.timeout} s", str(e.stderr or "")[-6000:]
+    if failure:
+        sys.stdout.write("\n" + log + "\n")
+        if not args.keep_going:
+            raise SystemExit(f"workload {name} failed ({failure})")
+        print(f"  {name} FAILED ({failure}); going on", flush=True)
+        return None
     result = json.loads(out.read_text())
-    print(f" {sum(result.get('seconds', [0])):.1f} s measured, peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+    gpu = f", peak GPU {result['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in result else ""
+    print(f" {sum(result.get('seconds', [0])):.1f} s measured, peak RSS {result['peak_rss_mb']:.0f} MB{gpu}", flush=True)
     return result
+
+
+def memory_mb(result: dict) -> float:
+    """The memory compared: peak GPU memory on a GPU, else peak resident memory."""
+    return result.get("peak_gpu_mb", result["peak_rss_mb"])
 
 
 def collect(runs: list[dict], warmup: int) -> dict:
@@ -133,6 +150,7 @@ def collect(runs: list[dict], warmup: int) -> dict:
     toks = [t for r in runs for t in r["tokens"][warmup:]]
     return {"s_per_step": statistics.median(secs), "tokens_per_s": sum(toks) / sum(secs), "steps": len(secs),
             "seconds": secs, "tokens": toks, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            **({"peak_gpu_mb": max(r["peak_gpu_mb"] for r in runs)} if "peak_gpu_mb" in runs[0] else {}),
             "params": runs[0].get("params"), "trainable": runs[0].get("trainable"),
             "setup_seconds": runs[0].get("setup_seconds")}
 
@@ -154,8 +172,9 @@ def one_epoch(results: dict, name: str) -> float:
 
 
 def table(results: dict, peak: dict) -> str:
+    mem = "peak GPU MB" if any("peak_gpu_mb" in r for r in results.values()) else "peak RSS MB"
     lines = ["| run | ulma s/step | baseline s/step | ulma tokens/s | baseline tokens/s | speed-up | "
-             "speed-up, 1 epoch incl. reference pass | ulma peak RSS MB | baseline peak RSS MB | memory ratio | "
+             f"speed-up, 1 epoch incl. reference pass | ulma {mem} | baseline {mem} | memory ratio | "
              "ulma MFU (fp32 peak / bf16 peak) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a, b, what in PAIRS:
@@ -170,14 +189,15 @@ def table(results: dict, peak: dict) -> str:
         ea, eb = one_epoch(results, a), one_epoch(results, b)
         epoch = f"{ea / eb:.2f}x" if a in PRECOMPUTED and ea and eb else "—"
         lines.append(f"| {what} | {ra['s_per_step']:.2f} | {rb['s_per_step']:.2f} | {ra['tokens_per_s']:.0f} | "
-                     f"{rb['tokens_per_s']:.0f} | **{speed:.2f}x** | {epoch} | {ra['peak_rss_mb']:.0f} | "
-                     f"{rb['peak_rss_mb']:.0f} | {ra['peak_rss_mb'] / rb['peak_rss_mb']:.2f} | {mfu} |")
+                     f"{rb['tokens_per_s']:.0f} | **{speed:.2f}x** | {epoch} | {memory_mb(ra):.0f} | "
+                     f"{memory_mb(rb):.0f} | {memory_mb(ra) / memory_mb(rb):.2f} | {mfu} |")
     return "\n".join(lines)
 
 
 def lever_table(results: dict) -> str:
+    mem = "peak GPU MB" if any("peak_gpu_mb" in r for r in results.values()) else "peak RSS MB"
     lines = ["| lever | on: tokens/s | off: tokens/s | speed gain | speed gain, 1 epoch incl. reference pass | "
-             "on: peak RSS MB | off: peak RSS MB |",
+             f"on: {mem} | off: {mem} |",
              "|---|---|---|---|---|---|---|"]
     for on, off, what in LEVERS:
         if on in results and off in results:
@@ -185,9 +205,22 @@ def lever_table(results: dict) -> str:
             ea, eb = one_epoch(results, on), one_epoch(results, off)
             epoch = f"{ea / eb:.2f}x" if ea and eb else "—"
             lines.append(f"| {what} | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | "
-                         f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {epoch} | {a['peak_rss_mb']:.0f} | "
-                         f"{b['peak_rss_mb']:.0f} |")
+                         f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {epoch} | {memory_mb(a):.0f} | "
+                         f"{memory_mb(b):.0f} |")
     return "\n".join(lines)
+
+
+def save(report: dict, out: Path, final: bool) -> None:
+    """The run so far to out/<time>.json (after every workload, so a run stopped part-way
+    keeps what it measured); at the end also out/latest.{json,md}."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / (report["date"].replace(":", "-") + ".json")] + ([out / "latest.json"] if final else [])
+    for path in paths:
+        tmp_path = path.with_suffix(".tmp")
+        tmp_path.write_text(json.dumps(report, indent=1))
+        os.replace(tmp_path, path)
+    if final:
+        (out / "latest.md").write_text(f"{report['table']}\n\nMachine: {json.dumps(report['machine'])}\n")
 
 
 def main(argv=None) -> int:
@@ -196,10 +229,19 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per process and round")
     p.add_argument("--warmup", type=int, default=1, help="steps per process not measured")
     p.add_argument("--pairs", type=int, default=48, help="HH pairs written for the workloads (ulma precomputes the reference for all of them; 48 cover 5 steps of 8)")
-    p.add_argument("--rows", type=int, default=32, help="rows for forward-only and prompts for generation")
+    p.add_argument("--rows", type=int, default=32, help="rows for forward-only")
+    p.add_argument("--prompts", type=int, default=32, help="prompts for generation")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="the model every workload trains: ulma's offline default or a model folder")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="pairs.jsonl and unpaired.jsonl written before (benchmarks/gpu_prepare.py); "
+                        "default: written now from the HH file under ../shared")
     p.add_argument("--only", nargs="*", help="workload pairs to run (their ulma names)")
     p.add_argument("--no-levers", action="store_true", help="skip the runs with one speed lever off")
+    p.add_argument("--levers", nargs="*", help="only these lever-off workloads (their names)")
+    p.add_argument("--keep-going", action="store_true", help="a failed workload is reported and left out")
+    p.add_argument("--timeout", type=float, default=None, help="seconds one workload process may take")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 where its matrix products are fast (GPU, AMX/AVX512-BF16 CPU), else fp32")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -210,37 +252,47 @@ def main(argv=None) -> int:
         print(table(saved["results"], saved["matmul_peak_flops"]) + "\n\n" + lever_table(saved["results"]))
         return 0
     os.environ["BENCH_BF16"] = "1" if precision(args.precision) == "bf16" else "0"
+    os.environ["BENCH_MODEL"] = args.model
     pairs = [x[:2] for x in PAIRS if not args.only or x[0] in args.only]
     if not args.no_levers:
-        pairs += [(off,) for on, off, _ in LEVERS if off not in {n for pr in pairs for n in pr}]
+        pairs += [(off,) for on, off, _ in LEVERS if off not in {n for pr in pairs for n in pr}
+                  and (args.levers is None or off in args.levers)]
+    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+              "settings": {"micro_batch": 8, "max_length": 256, "lr": 1e-5, **{k: str(v) if isinstance(v, Path) else v
+                                                                              for k, v in vars(args).items()},
+                           "precision": precision(args.precision)},
+              "command": "make bench  (= benchmarks/.venv/bin/python benchmarks/run.py "
+                         + " ".join(argv or sys.argv[1:]) + ")", "complete": False}
+    runs: dict[str, list] = {}
+
+    def results() -> dict:
+        return {n: collect(v, args.warmup if not n.startswith(("forward", "generate")) else 0)
+                for n, v in runs.items() if v}
+
     with tempfile.TemporaryDirectory(prefix="ulma-bench-") as tmp:
         tmp = Path(tmp)
-        data = write_data(tmp, args.pairs, 250)
-        runs: dict[str, list] = {}
+        if args.data:
+            for name in ("pairs.jsonl", "unpaired.jsonl"):
+                shutil.copy(args.data / name, tmp / name)
+            report["data"] = json.loads((args.data / "data.json").read_text())
+        else:
+            report["data"] = write_data(tmp, args.pairs, 250, args.model)
         peak = run_one("matmul-peak", tmp, tmp, 0, args)
+        report["matmul_peak_flops"] = peak["flops"]
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
             for pair in pairs:
                 for name in (pair if r % 2 == 0 else pair[::-1]):
                     steps = args.warmup + args.steps if not name.startswith(("forward", "generate")) else 0
-                    runs.setdefault(name, []).append(run_one(name, tmp, tmp, steps, args))
-    results = {n: collect(v, args.warmup if not n.startswith(("forward", "generate")) else 0)
-               for n, v in runs.items()}
-    md = table(results, peak["flops"]) + "\n\n" + lever_table(results)
-    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "data": data,
-              "settings": {"micro_batch": 8, "max_length": 256, "lr": 1e-5, **vars(args),
-                           "precision": precision(args.precision),
-                           "out": str(args.out)},
-              "matmul_peak_flops": peak["flops"], "results": results, "table": md,
-              "command": "make bench  (= benchmarks/.venv/bin/python benchmarks/run.py " + " ".join(argv or sys.argv[1:]) + ")"}
-    print("\n" + md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = report["date"].replace(":", "-")
-    for path in (args.out / f"{stamp}.json", args.out / "latest.json"):
-        tmp_path = path.with_suffix(".tmp")
-        tmp_path.write_text(json.dumps(report, indent=1))
-        os.replace(tmp_path, path)
-    (args.out / "latest.md").write_text(f"{md}\n\nMachine: {json.dumps(report['machine'])}\n")
+                    result = run_one(name, tmp, tmp, steps, args)
+                    runs.setdefault(name, []).extend([result] if result else [])
+                    report["results"] = results()
+                    save(report, args.out, final=False)
+    report["results"] = results()
+    report["table"] = table(report["results"], peak["flops"]) + "\n\n" + lever_table(report["results"])
+    report["complete"] = True
+    print("\n" + report["table"])
+    save(report, args.out, final=True)
     return 0
 
 

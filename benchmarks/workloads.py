@@ -29,6 +29,14 @@ BETA = 0.1
 # run.py decides the precision once for both tools: bf16 where its matrix products are fast.
 BF16 = os.environ.get("BENCH_BF16", "0") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The model every workload loads: ulma's offline default, or a folder (run.py --model).
+MODEL = os.environ.get("BENCH_MODEL", "smollm2-135m-instruct")
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def peak_memory_mb() -> dict:
@@ -42,7 +50,7 @@ def peak_memory_mb() -> dict:
 def model_path() -> str:
     from ulma.models import resolve_model_path
 
-    return resolve_model_path("smollm2-135m-instruct")
+    return resolve_model_path(MODEL)
 
 
 def param_counts(model) -> dict:
@@ -59,7 +67,7 @@ def ulma_config(method: str, lora: bool, data: Path, steps: int, out: Path, **ov
 
     pairs = method == "dpo"
     return from_dict(Config, {
-        "model": {"name_or_path": "smollm2-135m-instruct", "lora": {"enabled": lora}},
+        "model": {"name_or_path": MODEL, "lora": {"enabled": lora}},
         "data": {"train": {"source": "jsonl", "path": str(data / ("pairs.jsonl" if pairs else "unpaired.jsonl"))},
                  "eval_fraction": 0.05, "eval_limit": 8, "max_length": MAX_LENGTH},
         "method": {"name": method, "beta": BETA},
@@ -85,8 +93,10 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
     seconds, tokens = [], []
     for step in range(steps):
         micro = trainer.plan[step]  # grad_accum = 1: one micro-batch per step
+        sync()
         t0 = time.perf_counter()
         trainer.train_step(step, ref_train)
+        sync()
         seconds.append(time.perf_counter() - t0)
         tokens.append(sum(len(units.table.sequences[r].input_ids) for i in micro for r in units.rows[i]))
     return {"seconds": seconds, "tokens": tokens, "setup_seconds": {"reference_precompute": precompute},
@@ -131,9 +141,11 @@ def run_trl(kind: str, lora: bool, data: Path, steps: int, work: Path, precomput
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            sync()
             pending["t0"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             seconds.append(time.perf_counter() - pending["t0"])
             tokens.append(pending["tokens"])
 
@@ -175,6 +187,7 @@ def run_forward(impl: str, data: Path, n: int) -> dict:
     tokenizer, table = _forward_rows(data, n)
     model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32).to(DEVICE).eval()
     tokens = sum(len(s.input_ids) for s in table.sequences)
+    sync()
     t0 = time.perf_counter()
     if impl == "ulma":
         out = table_logps(model, table, tokenizer.pad_token_id, MICRO, bf16=BF16, progress=False)["sum"]
@@ -190,6 +203,7 @@ def run_forward(impl: str, data: Path, n: int) -> dict:
                 picked = logp.gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
                 sums.append((picked * b["loss_mask"][:, 1:]).sum(-1))
         out = torch.cat(sums)
+    sync()
     secs = time.perf_counter() - t0
     return {"seconds": [secs], "tokens": [tokens], "checksum": float(out.double().sum())}
 
@@ -222,6 +236,7 @@ def run_generate(impl: str, data: Path, n: int, new_tokens: int) -> dict:
                 out = model.generate(input_ids=torch.tensor([p], device=DEVICE), max_new_tokens=new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
                 made += out.shape[1] - len(p)
+    sync()
     return {"seconds": [time.perf_counter() - t0], "tokens": [made]}
 
 
@@ -229,7 +244,10 @@ def run_generate(impl: str, data: Path, n: int, new_tokens: int) -> dict:
 
 
 def run_matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
-    """Best-of-``repeats`` throughput of a square matrix product, fp32 and bf16 (FLOP/s)."""
+    """Best-of-``repeats`` throughput of a square matrix product, fp32 and bf16 (FLOP/s).
+
+    On a GPU the products are 8192 wide: a 2048 one is too small to fill an H100."""
+    size = 8192 if DEVICE.type == "cuda" else size
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         # Emulated bf16 (CPUs without AMX/AVX512-BF16) is ~250x slower: a 2048 product takes
@@ -239,12 +257,10 @@ def run_matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
         torch.mm(a, b)
         best = float("inf")
         for _ in range(repeats):
-            if DEVICE.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             torch.mm(a, b)
-            if DEVICE.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             best = min(best, time.perf_counter() - t0)
         out[name] = 2 * n**3 / best
     return {"flops": out, "threads": torch.get_num_threads()}
@@ -264,7 +280,7 @@ WORKLOADS = {
     "ulma-ulma-full-unfused": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
                                                  train={"fused_logps": False}),
     "ulma-ulma-lora-live-reference": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
-                                                        model={"name_or_path": "smollm2-135m-instruct",
+                                                        model={"name_or_path": MODEL,
                                                                "lora": {"enabled": True}, "reference": "live"}),
     "ulma-dpo-lora": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work),
     "ulma-dpo-full": lambda a: run_ulma("dpo", False, a.data, a.steps, a.work),
@@ -274,8 +290,8 @@ WORKLOADS = {
     "trl-dpo-full": lambda a: run_trl("dpo", False, a.data, a.steps, a.work, precompute=True),
     "forward-ulma": lambda a: run_forward("ulma", a.data, a.rows),
     "forward-plain": lambda a: run_forward("plain", a.data, a.rows),
-    "generate-ulma": lambda a: run_generate("ulma", a.data, a.rows, a.new_tokens),
-    "generate-plain": lambda a: run_generate("plain", a.data, a.rows, a.new_tokens),
+    "generate-ulma": lambda a: run_generate("ulma", a.data, a.prompts, a.new_tokens),
+    "generate-plain": lambda a: run_generate("plain", a.data, a.prompts, a.new_tokens),
     "matmul-peak": lambda a: run_matmul_peak(),
 }
 
@@ -288,6 +304,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=32, help="prompts for generation")
     p.add_argument("--new-tokens", type=int, default=64)
     a = p.parse_args(argv)
     torch.manual_seed(0)
