@@ -107,7 +107,8 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
 
 
 def run_trl(kind: str, lora: bool, data: Path, steps: int, work: Path, precompute: bool) -> dict:
-    """TRL's KTOTrainer / DPOTrainer on the same rows, batch, length and precision."""
+    """TRL's KTOTrainer / DPOTrainer on the same rows, batch, length and precision, otherwise
+    as shipped: TRL 1.13 turns gradient checkpointing on by default (recorded in the result)."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -154,6 +155,7 @@ def run_trl(kind: str, lora: bool, data: Path, steps: int, work: Path, precomput
     t0 = time.perf_counter()
     trainer.train()
     return {"seconds": seconds, "tokens": tokens, "train_call_seconds": time.perf_counter() - t0,
+            "gradient_checkpointing": trainer.args.gradient_checkpointing,  # TRL's default: on
             **param_counts(trainer.model)}
 
 
@@ -279,6 +281,8 @@ WORKLOADS = {
     "ulma-ulma-lora-unfused": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work, train={"fused_logps": False}),
     "ulma-ulma-full-unfused": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
                                                  train={"fused_logps": False}),
+    "ulma-ulma-full-foreach-adamw": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
+                                                      train={"fused_optimizer": False}),
     "ulma-ulma-lora-live-reference": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
                                                         model={"name_or_path": MODEL,
                                                                "lora": {"enabled": True}, "reference": "live"}),

@@ -7,7 +7,7 @@ the whole vocabulary ([N, T, V], 49k entries for SmolLM2) is never materialised.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import torch
 
@@ -69,10 +69,24 @@ def use_bf16(setting, device: torch.device) -> bool:
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CPU or GPU; weights stay float32."""
-    if not enabled:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """The context of every forward pass: bf16 autocast on CPU or GPU where ``enabled``
+    (weights stay float32) and, on CUDA, attention without the cuDNN backend.
+
+    Why no cuDNN attention: PyTorch picks it on Hopper GPUs, and it builds a graph for
+    every new input shape.  Batches padded to their longest row have a new shape almost
+    every step; on an H100 (1.17B model, batch 8 x <=256, torch 2.11) a LoRA step with a
+    new shape took 2-3.8 s against 0.15-0.24 s with the memory-efficient kernel, while
+    steps on already-seen shapes ran as fast with either (benchmarks/README.md).
+    """
+    stack = ExitStack()
+    if enabled:
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                         SDPBackend.MATH]))
+    return stack
 
 
 def logits_to_keep(loss_mask: torch.Tensor) -> int:
@@ -180,14 +194,18 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
 
 def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool) -> dict:
     device = head.weight.device
-    ids, loss_mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
-    mask = loss_mask[:, 1:]  # position t's hidden state scores token t+1
+    ids = batch["input_ids"].to(device)
+    # Position t's hidden state scores token t+1.  The scored positions are found where the
+    # batch was built (on the CPU): indexing with them needs no wait for the GPU, where a
+    # boolean mask would (its count decides the output's size).
+    rows, cols = (i.to(device, non_blocking=True) for i in batch["loss_mask"][:, 1:].nonzero(as_tuple=True))
     with autocast(device, bf16):
         out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)  # the model's own logits: 1 position
-        hidden = out.hidden_states[-1][:, :-1]  # [N, T-1, H], after the final norm
-        values = LinearTokenLogps.apply(hidden[mask], head.weight, ids[:, 1:][mask], FUSED_CHUNK)
-    logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(mask, values)
+        hidden = out.hidden_states[-1]  # [N, T, H], after the final norm
+        values = LinearTokenLogps.apply(hidden[rows, cols], head.weight, ids[rows, cols + 1], FUSED_CHUNK)
+    mask = batch["loss_mask"][:, 1:].to(device)
+    logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)
     result = {"sum": logps.sum(-1), "count": mask.sum(-1)}
     if need_tokens:
         result["tokens"], result["mask"] = logps, mask

@@ -38,11 +38,15 @@ def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: li
     order = sorted(rows, key=lambda r: -len(table.sequences[r].input_ids))
     was_training = model.training
     model.eval()
+    done = []  # (rows, sums, counts), left on the device until the end: a copy to the CPU per
+    # batch would make the CPU wait for the GPU every batch instead of queueing the next one
     for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         chunk = order[s : s + batch_size]
         out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16, fused=fused)
-        total[chunk] = out["sum"].float().cpu()
-        count[chunk] = out["count"].cpu()
+        done.append((chunk, out["sum"].float(), out["count"]))
+    for chunk, sums, counts in done:
+        total[chunk] = sums.cpu()
+        count[chunk] = counts.cpu()
     for _ in range(min_batches - math.ceil(len(order) / batch_size) if len(table) else 0):
         forward_logps(model, pad_rows(table, [0], pad_id), bf16=bf16, fused=fused)
     model.train(was_training)
