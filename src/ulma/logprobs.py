@@ -7,7 +7,7 @@ the whole vocabulary ([N, T, V], 49k entries for SmolLM2) is never materialised.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 
@@ -68,25 +68,31 @@ def use_bf16(setting, device: torch.device) -> bool:
     return bf16_is_fast(device) if setting == "auto" else bool(setting)
 
 
+def attention_kernels(device: torch.device):
+    """On CUDA, scaled-dot-product attention without the cuDNN backend; elsewhere nothing.
+
+    PyTorch picks cuDNN's attention on Hopper GPUs, and it builds a graph for every new
+    input shape.  Batches padded to their longest row have a new shape almost every step
+    (and generation every token); on an H100 (1.17B model, batch 8 x <=256, torch 2.11) a
+    LoRA step with a new shape took 2-3.8 s against 0.15-0.24 s with the memory-efficient
+    kernel, while steps on already-seen shapes ran as fast with either (benchmarks/README.md).
+    """
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+@contextmanager
 def autocast(device: torch.device, enabled: bool):
     """The context of every forward pass: bf16 autocast on CPU or GPU where ``enabled``
-    (weights stay float32) and, on CUDA, attention without the cuDNN backend.
-
-    Why no cuDNN attention: PyTorch picks it on Hopper GPUs, and it builds a graph for
-    every new input shape.  Batches padded to their longest row have a new shape almost
-    every step; on an H100 (1.17B model, batch 8 x <=256, torch 2.11) a LoRA step with a
-    new shape took 2-3.8 s against 0.15-0.24 s with the memory-efficient kernel, while
-    steps on already-seen shapes ran as fast with either (benchmarks/README.md).
-    """
-    stack = ExitStack()
-    if enabled:
-        stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-    if device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                         SDPBackend.MATH]))
-    return stack
+    (weights stay float32), and :func:`attention_kernels`."""
+    with ExitStack() as stack:
+        if enabled:
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        stack.enter_context(attention_kernels(device))
+        yield
 
 
 def logits_to_keep(loss_mask: torch.Tensor) -> int:

@@ -24,6 +24,7 @@ import torch
 from ulma.data.schema import DataError
 from ulma.data.tokenize import Tokenizer, left_pad
 from ulma.evaluation.io import EvalError, append_jsonl, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
+from ulma.logprobs import attention_kernels
 
 
 @dataclass
@@ -75,7 +76,8 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], cfg: GenerateC
     if cfg.do_sample and seed is not None:
         torch.manual_seed(seed)
     dev = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen)
+    with attention_kernels(dev):  # no cuDNN attention: each new token is a new shape
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen)
     results = []
     for row in out[:, ids.shape[1]:].tolist():
         kept, ended = cut_at_stop(row, stops)
