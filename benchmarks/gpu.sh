@@ -27,5 +27,5 @@ echo "model built in $(( $(date +%s) - t0 )) s"
 # The pairs in order of what matters most, each process capped, a failure reported and skipped.
 $PY benchmarks/run.py --model "$MODEL" --data .gpu/data --rounds 1 --steps "${STEPS:-10}" --warmup "${WARMUP:-3}" \
   --keep-going --timeout 150 --out "$OUT" --rows 256 --prompts 32 --new-tokens 64 \
-  --only ulma-ulma-lora ulma-ulma-full ulma-dpo-lora ulma-dpo-full forward-ulma generate-ulma \
+  --only ulma-ulma-lora ulma-ulma-full ulma-dpo-lora ulma-dpo-full ulma-ulma-lora-checkpointed forward-ulma generate-ulma \
   --levers ulma-ulma-full-unfused 2>&1 | tee "$OUT/log.txt"
