@@ -7,7 +7,7 @@ forward-only passes cold and warm.  LoRA and full fine-tuning, in one process.
 The 2026-11-27 H100 output is benchmarks/results/gpu/2026-11-27-h100-diagnosis.txt (it ran
 before ulma turned cuDNN attention off itself, so its "cuDNN SDPA off" lines are the fix).
 """
-import os, sys, time, json
+import os, sys, time
 import torch
 sys.path.insert(0, "benchmarks")
 os.environ.setdefault("BENCH_BF16", "1")

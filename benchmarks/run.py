@@ -148,6 +148,10 @@ def memory_mb(result: dict) -> float:
     return result.get("peak_gpu_mb", result["peak_rss_mb"])
 
 
+def memory_label(results: dict) -> str:
+    return "peak GPU MB" if any("peak_gpu_mb" in r for r in results.values()) else "peak RSS MB"
+
+
 def collect(runs: list[dict], warmup: int) -> dict:
     """Measured steps of every round (the first ``warmup`` of each process dropped)."""
     secs = [s for r in runs for s in r["seconds"][warmup:]]
@@ -177,7 +181,7 @@ def one_epoch(results: dict, name: str) -> float:
 
 
 def table(results: dict, peak: dict) -> str:
-    mem = "peak GPU MB" if any("peak_gpu_mb" in r for r in results.values()) else "peak RSS MB"
+    mem = memory_label(results)
     lines = ["| run | ulma s/step | baseline s/step | ulma tokens/s | baseline tokens/s | speed-up | "
              f"speed-up, 1 epoch incl. reference pass | ulma {mem} | baseline {mem} | memory ratio | "
              "ulma MFU (fp32 peak / bf16 peak) |",
@@ -200,7 +204,7 @@ def table(results: dict, peak: dict) -> str:
 
 
 def lever_table(results: dict) -> str:
-    mem = "peak GPU MB" if any("peak_gpu_mb" in r for r in results.values()) else "peak RSS MB"
+    mem = memory_label(results)
     lines = ["| lever | on: tokens/s | off: tokens/s | speed gain | speed gain, 1 epoch incl. reference pass | "
              f"on: {mem} | off: {mem} |",
              "|---|---|---|---|---|---|---|"]
@@ -213,6 +217,10 @@ def lever_table(results: dict) -> str:
                          f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {epoch} | {memory_mb(a):.0f} | "
                          f"{memory_mb(b):.0f} |")
     return "\n".join(lines)
+
+
+def tables(results: dict, peak: dict) -> str:
+    return table(results, peak) + "\n\n" + lever_table(results)
 
 
 def save(report: dict, out: Path, final: bool) -> None:
@@ -254,7 +262,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.render:
         saved = json.loads(args.render.read_text())
-        print(table(saved["results"], saved["matmul_peak_flops"]) + "\n\n" + lever_table(saved["results"]))
+        print(tables(saved["results"], saved["matmul_peak_flops"]))
         return 0
     os.environ["BENCH_BF16"] = "1" if precision(args.precision) == "bf16" else "0"
     os.environ["BENCH_MODEL"] = args.model
@@ -298,7 +306,7 @@ def main(argv=None) -> int:
                     report["results"] = results()
                     save(report, args.out, final=False)
     report["results"] = results()
-    report["table"] = table(report["results"], peak["flops"]) + "\n\n" + lever_table(report["results"])
+    report["table"] = tables(report["results"], peak["flops"])
     report["complete"] = True
     print("\n" + report["table"])
     save(report, args.out, final=True)

@@ -177,9 +177,7 @@ def test_fused_optimizer_changes_no_result(tiny_model_dir, pointwise_file, tmp_p
     for on in ("true", "false"):
         t = Trainer(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / on, *common, f"train.fused_optimizer={on}"))
         assert bool(t.optimizer.param_groups[0]["fused"]) is (on == "true")
-        del t
-        train(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / on, *common, f"train.fused_optimizer={on}",
-                       "train.overwrite=true"))
+        t.run()
     la = [r["loss"] for r in metrics(tmp_path / "true") if "loss" in r]
     lb = [r["loss"] for r in metrics(tmp_path / "false") if "loss" in r]
     assert len(la) == 3 and la == pytest.approx(lb, rel=1e-5)

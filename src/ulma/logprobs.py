@@ -204,13 +204,14 @@ def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool) -> dic
     # Position t's hidden state scores token t+1.  The scored positions are found where the
     # batch was built (on the CPU): indexing with them needs no wait for the GPU, where a
     # boolean mask would (its count decides the output's size).
-    rows, cols = (i.to(device, non_blocking=True) for i in batch["loss_mask"][:, 1:].nonzero(as_tuple=True))
+    scored = batch["loss_mask"][:, 1:]
+    rows, cols = (i.to(device, non_blocking=True) for i in scored.nonzero(as_tuple=True))
     with autocast(device, bf16):
         out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False,
                     output_hidden_states=True, logits_to_keep=1)  # the model's own logits: 1 position
         hidden = out.hidden_states[-1]  # [N, T, H], after the final norm
         values = LinearTokenLogps.apply(hidden[rows, cols], head.weight, ids[rows, cols + 1], FUSED_CHUNK)
-    mask = batch["loss_mask"][:, 1:].to(device)
+    mask = scored.to(device)
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)
     result = {"sum": logps.sum(-1), "count": mask.sum(-1)}
     if need_tokens:

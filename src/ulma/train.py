@@ -212,7 +212,7 @@ class Trainer:
         under FSDP or DeepSpeed (sharded parameters; DeepSpeed steps its own way)."""
         devices = {p.device.type for p in params}
         ok = (self.cfg.train.fused_optimizer and not self.fsdp and not self.deepspeed and len(devices) == 1
-              and devices <= {"cpu", "cuda"} and all(p.dtype.is_floating_point for p in params))
+              and devices <= {"cpu", "cuda"})
         return {"fused": True} if ok else {}
 
     # ------------------------------------------------------------------ one step
@@ -269,9 +269,8 @@ class Trainer:
                 self.acc.backward(loss * world)
             # Summed on the device, read once per step: .item() per micro-batch would make the
             # CPU wait for the GPU each time.  where(), not a boolean index: that waits too.
-            zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
-            sums += torch.stack([loss.detach(), torch.where(inp.positive, losses, zero).sum(),
-                                 torch.where(inp.positive, zero, losses).sum()]).detach().double()
+            d = losses.detach()
+            sums += torch.stack([loss.detach(), d.where(inp.positive, 0.0).sum(), d.where(~inp.positive, 0.0).sum()])
         loss_sum, pos_sum, neg_sum = sums.tolist()
         stats = {"loss": loss_sum, "pos_loss_sum": pos_sum, "neg_loss_sum": neg_sum, "n_pos": pos, "n_neg": neg}
         return self._apply_update(self._sum_over_processes(stats))
