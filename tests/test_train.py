@@ -165,7 +165,17 @@ def test_gradient_checkpointing_changes_no_result(tiny_model_dir, pointwise_file
         t = Trainer(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / on, *common, f"train.gradient_checkpointing={on}"))
         assert t.model.is_gradient_checkpointing == (on == "true")
         ref, _ = t._reference_caches()
+        # Which attention kernels each attention call could pick (cuDNN allowed or not).
+        # With checkpointing the backward reruns each layer: that rerun must see the
+        # forward's flags, or on a GPU the recompute picks cuDNN and torch rejects its
+        # differently shaped saved tensors (seen on an H200).
+        seen = []
+        attn = t.model.base_model.model.model.layers[0].self_attn
+        hook = attn.register_forward_hook(lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled()))
         steps.append(t.train_step(0, ref))
+        hook.remove()
+        forwards = 2 * 2  # 2 micro-batches, each run once forward, once more if recomputed
+        assert seen == [False] * (forwards if on == "true" else forwards // 2)
     assert steps[0]["loss"] == pytest.approx(steps[1]["loss"], rel=1e-6)
     assert steps[0]["grad_norm"] == pytest.approx(steps[1]["grad_norm"], rel=1e-5)
 

@@ -7,7 +7,7 @@ the whole vocabulary ([N, T, V], 49k entries for SmolLM2) is never materialised.
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -68,17 +68,19 @@ def use_bf16(setting, device: torch.device) -> bool:
     return bf16_is_fast(device) if setting == "auto" else bool(setting)
 
 
-def attention_kernels(device: torch.device):
-    """On CUDA, scaled-dot-product attention without the cuDNN backend; elsewhere nothing.
+def attention_kernels():
+    """Scaled-dot-product attention without the cuDNN backend: the context of every forward
+    pass, and of every backward (gradient checkpointing reruns forward passes there).
 
     PyTorch picks cuDNN's attention on Hopper GPUs, and it builds a graph for every new
     input shape.  Batches padded to their longest row have a new shape almost every step
     (and generation every token); on an H100 (1.17B model, batch 8 x <=256, torch 2.11) a
     LoRA step with a new shape took 2-3.8 s against 0.15-0.24 s with the memory-efficient
     kernel, while steps on already-seen shapes ran as fast with either (benchmarks/README.md).
+    The flags steer only CUDA's choice (the CPU has flash and math attention, both left on),
+    so the context is the same on every device; a recompute that ran outside it would pick
+    another kernel than its forward pass, which gradient checkpointing rejects.
     """
-    if device.type != "cuda":
-        return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
@@ -91,7 +93,7 @@ def autocast(device: torch.device, enabled: bool):
     with ExitStack() as stack:
         if enabled:
             stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-        stack.enter_context(attention_kernels(device))
+        stack.enter_context(attention_kernels())
         yield
 
 

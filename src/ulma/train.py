@@ -23,7 +23,7 @@ from ulma.config import Config, to_dict, validate
 from ulma.data.prepare import prepare
 from ulma.data.tokenize import collate
 from ulma.evaluation.metrics import evaluate, table_logps
-from ulma.logprobs import forward_logps, reduce_logps, use_bf16
+from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf16
 from ulma.losses import group_mean
 from ulma.methods import METHODS, LossInputs
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
@@ -265,7 +265,7 @@ class Trainer:
             ctx = self.acc.no_sync(self.model) if not last else nullcontext()
             if self.deepspeed:  # accelerate's DeepSpeed backward steps the engine whenever gradients
                 self.acc.sync_gradients = last  # sync: only after the step's last micro-batch
-            with ctx:
+            with ctx, attention_kernels():  # checkpointed recomputes pick the forward's kernels
                 self.acc.backward(loss * world)
             # Summed on the device, read once per step: .item() per micro-batch would make the
             # CPU wait for the GPU each time.  where(), not a boolean index: that waits too.

@@ -76,7 +76,7 @@ def generate_batch(model, tokenizer, prompt_ids: list[list[int]], cfg: GenerateC
     if cfg.do_sample and seed is not None:
         torch.manual_seed(seed)
     dev = next(model.parameters()).device
-    with attention_kernels(dev):  # no cuDNN attention: each new token is a new shape
+    with attention_kernels():  # no cuDNN attention: each new token is a new shape
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen)
     results = []
     for row in out[:, ids.shape[1]:].tolist():
