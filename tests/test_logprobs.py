@@ -61,32 +61,41 @@ def test_linear_token_logps_match_log_softmax_values_and_gradients():
     assert torch.allclose(fh, gh, atol=1e-10) and torch.allclose(fw, gw, atol=1e-10)
 
 
-def _batch(tokenizer):
+THREE_ROWS = [("How do I bake bread?", "Mix flour, water, yeast and salt, then knead and bake."),
+              ("Hi", "Hello! How can I help?"), ("Tell me a secret.", "No.")]
+
+
+def _batch(tokenizer, rows=THREE_ROWS, max_length=48):
     from ulma.data.schema import Turn
     from ulma.data.tokenize import SequenceTable, Tokenizer, pad_rows
 
-    tok, table = Tokenizer(tokenizer, max_length=48), SequenceTable()
-    for prompt, response in [("How do I bake bread?", "Mix flour, water, yeast and salt, then knead and bake."),
-                             ("Hi", "Hello! How can I help?"), ("Tell me a secret.", "No.")]:
+    tok, table = Tokenizer(tokenizer, max_length=max_length), SequenceTable()
+    for prompt, response in rows:
         tok.add(table, (Turn(role="user", content=prompt),), response, "test")
-    return pad_rows(table, [0, 1, 2], tokenizer.pad_token_id)
+    return pad_rows(table, list(range(len(rows))), tokenizer.pad_token_id)
+
+
+def _tiny_policy(tiny_model_dir, lora: bool):
+    from ulma.config import LoraConfig, ModelConfig
+    from ulma.models import load_policy
+
+    torch.manual_seed(0)
+    model = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(enabled=lora, dropout=0.0)))
+    if lora:  # a non-zero adapter, so the LoRA path shows in the hidden states
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
+    return model
 
 
 def test_fused_output_layer_equals_the_models_logits(tiny_model_dir, tokenizer):
     """Log-probs, per-token log-probs and every trainable gradient, LoRA and full fine-tuning,
     are those of the model's own logits (the tiny model ties lm_head to the embeddings)."""
-    from ulma.config import LoraConfig, ModelConfig
     from ulma.logprobs import forward_logps, fusable_head
-    from ulma.models import load_policy
 
     batch = _batch(tokenizer)
     for lora in (True, False):
-        torch.manual_seed(0)
-        model = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(enabled=lora, dropout=0.0)))
-        if lora:  # a non-zero adapter, so the LoRA path shows in the hidden states
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    torch.nn.init.normal_(p, std=0.02)
+        model = _tiny_policy(tiny_model_dir, lora)
         assert fusable_head(model) is not None
         results, grads = [], []
         for fused in (True, False):
@@ -104,6 +113,50 @@ def test_fused_output_layer_equals_the_models_logits(tiny_model_dir, tokenizer):
         for n in grads[0]:
             a, b = grads[0][n], grads[1][n]
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max())), n
+
+
+def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer):
+    """Rows that share a prompt (a pair's chosen and rejected) with the prompt run once give
+    the log-probs, per-token log-probs and trainable gradients of the model's own logits
+    over each whole row; LoRA and full fine-tuning.  The model runs twice: on the 3
+    distinct prompts, then on the 5 responses."""
+    from ulma.logprobs import forward_logps, prompt_layout
+
+    bread, hi = "How do I bake bread?", "Hi"
+    rows = [(bread, "Mix flour, water, yeast and salt, then knead and bake."), (hi, "Hello! How can I help?"),
+            (bread, "No."), ("Tell me a secret.", "No."), (hi, "Go away, I am busy with something else.")]
+    batch = _batch(tokenizer, rows, max_length=96)  # no row cut: 48 would cut row 0's prompt
+    layout = prompt_layout(batch)
+    assert layout["owner"].tolist() == [0, 1, 0, 2, 1] and layout["prompt_ids"].shape[0] == 3
+    n_prompt = [len(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)) for p, _ in rows]
+    assert layout["start"].tolist() == n_prompt
+    assert layout["response_scored"].sum(1).tolist() == batch["loss_mask"].sum(1).tolist()
+    assert prompt_layout(_batch(tokenizer)) is None  # no prompt repeats: nothing to share
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])
+    for lora in (True, False):
+        model = _tiny_policy(tiny_model_dir, lora)
+        inner = model.get_base_model().model if lora else model.model
+        results, grads, calls = [], [], []
+        hook = inner.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[0]),
+                                               with_kwargs=True)
+        for fused, share in ((True, True), (False, False)):
+            model.zero_grad()
+            out = forward_logps(model, batch, bf16=False, need_tokens=True, fused=fused, share_prompts=share)
+            (out["sum"] * weights).sum().backward()
+            results.append(out)
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        hook.remove()
+        assert calls == [3, 5, 5]  # shared: prompts, then responses; whole rows: once
+        s, w = results
+        assert torch.equal(s["count"], w["count"])
+        assert torch.allclose(s["sum"], w["sum"], rtol=1e-5, atol=1e-4)
+        k = w["tokens"].shape[1]  # the model's-logits path keeps the last k positions only
+        assert torch.allclose(s["tokens"][:, -k:], w["tokens"], atol=1e-5) and not s["tokens"][:, :-k].any()
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+        for n in grads[0]:
+            a, b = grads[0][n], grads[1][n]
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), n
 
 
 def test_forward_passes_skip_cudnn_attention():

@@ -218,8 +218,9 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _inputs(self, batch: dict, ref: dict | None) -> LossInputs:
         m = self.cfg.method
+        t = self.cfg.train
         out = forward_logps(self.model, batch, bf16=self.bf16, need_tokens=self.method.token_level,
-                            fused=self.cfg.train.fused_logps)
+                            fused=t.fused_logps, share_prompts=t.share_prompts)
         policy = reduce_logps(out["sum"], out["count"], m.logp_reduction)
         ref_logps = None
         if self.method.needs_reference:
@@ -236,7 +237,8 @@ class Trainer:
             total, count = batch["ref_sum"], batch["ref_count"]
         else:
             with self.reference.model() as net:
-                r = forward_logps(net, batch, bf16=self.bf16, fused=self.cfg.train.fused_logps)
+                r = forward_logps(net, batch, bf16=self.bf16, fused=self.cfg.train.fused_logps,
+                                  share_prompts=self.cfg.train.share_prompts)
             total, count = r["sum"], r["count"]
         dev = self.acc.device
         return reduce_logps(total.to(dev), count.to(dev), m.logp_reduction)
@@ -374,7 +376,7 @@ class Trainer:
         size = self.cfg.train.micro_batch_size
         out = table_logps(net, table, self.pad_id, size, self.bf16, rows=list(range(rank, len(table), world)),
                           desc=desc, progress=show, min_batches=math.ceil(math.ceil(len(table) / world) / size),
-                          fused=self.cfg.train.fused_logps)
+                          fused=self.cfg.train.fused_logps, share_prompts=self.cfg.train.share_prompts)
         if world > 1:
             out = {k: self.acc.reduce(v.to(self.acc.device), "sum").cpu() for k, v in out.items()}
         return out

@@ -23,26 +23,29 @@ from ulma.methods import LossInputs
 
 @torch.no_grad()
 def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: list[int] | None = None,
-                desc: str = "log-probs", progress: bool = True, min_batches: int = 0, fused: bool = True) -> dict:
+                desc: str = "log-probs", progress: bool = True, min_batches: int = 0, fused: bool = True,
+                share_prompts: bool = True) -> dict:
     """Sum and count of response-token log-probs for rows of a table: {"sum": [N], "count": [N]}.
 
-    Rows are run longest first in batches of similar length (less padding).  At least
-    ``min_batches`` forward passes are run (extra ones on row 0, discarded): with sharded
-    weights (FSDP, ZeRO-3) every process must run the same number of forwards.
+    Rows are run longest first in batches of similar length (less padding); with
+    ``share_prompts``, rows with the same prompt next to each other, so that a batch runs
+    each prompt once (:func:`ulma.logprobs.prompt_layout`).  At least ``min_batches``
+    forward passes are run (extra ones on row 0, discarded): with sharded weights (FSDP,
+    ZeRO-3) every process must run the same number of forwards.
     """
     from tqdm.auto import tqdm
 
     rows = list(range(len(table))) if rows is None else rows
     total = torch.zeros(len(table), dtype=torch.float32)
     count = torch.zeros(len(table), dtype=torch.long)
-    order = sorted(rows, key=lambda r: -len(table.sequences[r].input_ids))
+    order = _longest_first(table, rows, share_prompts)
     was_training = model.training
     model.eval()
     done = []  # (rows, sums, counts), left on the device until the end: a copy to the CPU per
     # batch would make the CPU wait for the GPU every batch instead of queueing the next one
     for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         chunk = order[s : s + batch_size]
-        out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16, fused=fused)
+        out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16, fused=fused, share_prompts=share_prompts)
         done.append((chunk, out["sum"].float(), out["count"]))
     for chunk, sums, counts in done:
         total[chunk] = sums.cpu()
@@ -51,6 +54,19 @@ def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: li
         forward_logps(model, pad_rows(table, [0], pad_id), bf16=bf16, fused=fused)
     model.train(was_training)
     return {"sum": total, "count": count}
+
+
+def _longest_first(table, rows: list[int], by_prompt: bool) -> list[int]:
+    """Rows longest first; ``by_prompt``: groups of rows with one prompt, longest group first."""
+    seqs = table.sequences
+    if not by_prompt:
+        return sorted(rows, key=lambda r: -len(seqs[r].input_ids))
+    group: dict[tuple, int] = {}
+    of = [group.setdefault(tuple(seqs[r].input_ids[: seqs[r].n_prompt]), len(group)) for r in rows]
+    longest = [0] * len(group)
+    for r, g in zip(rows, of):
+        longest[g] = max(longest[g], len(seqs[r].input_ids))
+    return [r for _, _, _, r in sorted((-longest[g], g, -len(seqs[r].input_ids), r) for r, g in zip(rows, of))]
 
 
 def precompute_reference(ref_model, table, pad_id: int, batch_size: int, bf16: bool, progress: bool = True) -> dict:
@@ -94,7 +110,7 @@ def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool, pr
     pol = policy_logps
     if pol is None:
         pol = table_logps(model, evalset.table, pad_id, cfg.train.micro_batch_size, bf16, desc="evaluate",
-                          progress=progress)
+                          progress=progress, fused=cfg.train.fused_logps, share_prompts=cfg.train.share_prompts)
     rewards = m.beta * (reduce_logps(pol["sum"], pol["count"], m.logp_reduction)
                         - reduce_logps(ref["sum"], ref["count"], m.logp_reduction))
     ppl, tokens = perplexity(pol, evalset.positive_rows)
