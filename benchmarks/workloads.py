@@ -191,8 +191,9 @@ def run_forward(impl: str, data: Path, n: int) -> dict:
     tokens = sum(len(s.input_ids) for s in table.sequences)
     sync()
     t0 = time.perf_counter()
-    if impl == "ulma":
-        out = table_logps(model, table, tokenizer.pad_token_id, MICRO, bf16=BF16, progress=False)["sum"]
+    if impl.startswith("ulma"):
+        out = table_logps(model, table, tokenizer.pad_token_id, MICRO, bf16=BF16, progress=False,
+                          share_prompts=impl == "ulma")["sum"]
     else:
         sums = []
         cast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16)
@@ -288,12 +289,14 @@ WORKLOADS = {
                                                                "lora": {"enabled": True}, "reference": "live"}),
     "ulma-dpo-lora": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work),
     "ulma-dpo-full": lambda a: run_ulma("dpo", False, a.data, a.steps, a.work),
+    "ulma-dpo-lora-unshared": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work, train={"share_prompts": False}),
     "trl-kto-lora": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False),
     "trl-kto-full": lambda a: run_trl("kto", False, a.data, a.steps, a.work, precompute=False),
     "trl-dpo-lora": lambda a: run_trl("dpo", True, a.data, a.steps, a.work, precompute=False),
     "trl-dpo-full": lambda a: run_trl("dpo", False, a.data, a.steps, a.work, precompute=True),
     "forward-ulma": lambda a: run_forward("ulma", a.data, a.rows),
     "forward-plain": lambda a: run_forward("plain", a.data, a.rows),
+    "forward-ulma-unshared": lambda a: run_forward("ulma-unshared", a.data, a.rows),
     "generate-ulma": lambda a: run_generate("ulma", a.data, a.prompts, a.new_tokens),
     "generate-plain": lambda a: run_generate("plain", a.data, a.prompts, a.new_tokens),
     "matmul-peak": lambda a: run_matmul_peak(),

@@ -116,23 +116,32 @@ def test_fused_output_layer_equals_the_models_logits(tiny_model_dir, tokenizer):
 
 
 def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer):
-    """Rows that share a prompt (a pair's chosen and rejected) with the prompt run once give
-    the log-probs, per-token log-probs and trainable gradients of the model's own logits
-    over each whole row; LoRA and full fine-tuning.  The model runs twice: on the 3
-    distinct prompts, then on the 5 responses."""
-    from ulma.logprobs import forward_logps, prompt_layout
+    """Rows that share a prompt (a pair's chosen and rejected), packed as [prompt, response,
+    response] with the prompt run once, give the log-probs, per-token log-probs and trainable
+    gradients of the model's own logits over each whole row; LoRA and full fine-tuning."""
+    from ulma.logprobs import forward_logps, pack_prompts
 
     bread, hi = "How do I bake bread?", "Hi"
     rows = [(bread, "Mix flour, water, yeast and salt, then knead and bake."), (hi, "Hello! How can I help?"),
             (bread, "No."), ("Tell me a secret.", "No."), (hi, "Go away, I am busy with something else.")]
     batch = _batch(tokenizer, rows, max_length=96)  # no row cut: 48 would cut row 0's prompt
-    layout = prompt_layout(batch)
-    assert layout["owner"].tolist() == [0, 1, 0, 2, 1] and layout["prompt_ids"].shape[0] == 3
     n_prompt = [len(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=False)) for p, _ in rows]
-    assert layout["start"].tolist() == n_prompt
-    assert layout["response_scored"].sum(1).tolist() == batch["loss_mask"].sum(1).tolist()
-    assert prompt_layout(_batch(tokenizer)) is None  # no prompt repeats: nothing to share
+    n_resp = [int(batch["attention_mask"][i].sum()) - n_prompt[i] for i in range(5)]
+    pack = pack_prompts(batch)
+    # 3 packed rows: bread + 2 responses, hi + 2 responses, secret + 1
+    widths = [n_prompt[0] + n_resp[0] + n_resp[2], n_prompt[1] + n_resp[1] + n_resp[4], n_prompt[3] + n_resp[3]]
+    assert tuple(pack["input_ids"].shape) == (3, max(widths))
+    ids = batch["input_ids"]
+    assert pack["input_ids"][0, : widths[0]].tolist() == (ids[0, : n_prompt[0] + n_resp[0]].tolist()
+                                                           + ids[2, n_prompt[2] : n_prompt[2] + n_resp[2]].tolist())
+    # row 2's response continues the prompt's positions and sees the prompt, not row 0's response
+    o = n_prompt[0] + n_resp[0]
+    assert pack["position_ids"][0, o : o + n_resp[2]].tolist() == list(range(n_prompt[0], n_prompt[0] + n_resp[2]))
+    seen = pack["attention_mask"][0, 0, o]
+    assert seen[: n_prompt[0]].all() and not seen[n_prompt[0] : o].any() and seen[o] and not seen[o + 1 :].any()
+    assert len(pack["targets"]) == int(batch["loss_mask"].sum())
+    assert pack_prompts(_batch(tokenizer)) is None  # no prompt repeats: nothing to share
     weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])
     for lora in (True, False):
         model = _tiny_policy(tiny_model_dir, lora)
@@ -147,7 +156,7 @@ def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer):
             results.append(out)
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
         hook.remove()
-        assert calls == [3, 5, 5]  # shared: prompts, then responses; whole rows: once
+        assert calls == [3, 5]  # packed: 3 rows; whole rows: 5
         s, w = results
         assert torch.equal(s["count"], w["count"])
         assert torch.allclose(s["sum"], w["sum"], rtol=1e-5, atol=1e-4)

@@ -36,6 +36,24 @@ def test_fit_cuts_prompt_from_the_left_then_response_from_the_right():
     assert fit([1, 2, 3], [6, 7, 8, 9, 10], 5, min_prompt=2) == ([2, 3, 6, 7, 8], 2, 1, 1)
 
 
+def test_a_pairs_prompt_is_cut_as_for_its_longer_response():
+    # alone, [6, 7] keeps 3 prompt tokens; with a partner of 4 tokens it keeps 1, like the partner
+    assert fit([1, 2, 3, 4, 5], [6, 7], 5, min_prompt=1, partner=4) == ([5, 6, 7], 1, 1, 0)
+    assert fit([1, 2, 3, 4, 5], [6, 7, 8, 9], 5, min_prompt=1, partner=2) == ([5, 6, 7, 8, 9], 1, 1, 0)
+    # a partner longer than the room for a response counts as that room (it is cut too)
+    assert fit([1, 2, 3], [6], 5, min_prompt=2, partner=9) == ([2, 3, 6], 2, 1, 0)
+
+
+def test_both_rows_of_a_cut_pair_keep_the_same_prompt(tokenizer):
+    tok = Tokenizer(tokenizer, max_length=48)
+    units = build_units([pair(user_prompt("word " * 30), "Yes, here are three words for you.", "No.")], tok)
+    (c, r), seqs = units.rows[0], units.table.sequences
+    n_yes, n_no = len(tok.encode_response("Yes, here are three words for you.")), len(tok.encode_response("No."))
+    assert seqs[c].n_prompt == seqs[r].n_prompt == 48 - n_yes
+    assert seqs[c].input_ids[: seqs[c].n_prompt] == seqs[r].input_ids[: seqs[r].n_prompt]
+    assert len(seqs[c].input_ids) == 48 and len(seqs[r].input_ids) == 48 - n_yes + n_no
+
+
 def test_truncation_is_counted(tokenizer):
     tok = Tokenizer(tokenizer, max_length=40)
     long_prompt = user_prompt("word " * 50)

@@ -207,14 +207,14 @@ def test_shared_prompts_change_no_result(tiny_model_dir, pair_file, tmp_path):
                                  f"train.share_prompts={on}"))
         ref = probe._reference_caches()[0]
         refs.append(ref)
-        seen = []  # rows of each model call: shared, a micro-batch of 4 pairs runs 4 prompts, then 8 responses;
-        # step 0 of the 6 training pairs is a micro-batch of 2 pairs and one of 4
+        seen = []  # rows of each model call: shared, a micro-batch of k pairs is k packed rows, else 2k
+        # rows; step 0 of the 6 training pairs is a micro-batch of 2 pairs and one of 4
         probe.model.get_base_model().model.register_forward_pre_hook(
             lambda m, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
         probe.train_step(0, ref)
         sizes.append(seen)
         Trainer(tiny_cfg(tiny_model_dir, pair_file, tmp_path / on, *common, f"train.share_prompts={on}")).run()
-    assert sizes == [[2, 4, 4, 8], [4, 8]]
+    assert sizes == [[2, 4], [4, 8]]
     assert torch.allclose(refs[0]["sum"], refs[1]["sum"], rtol=1e-5) and torch.equal(refs[0]["count"], refs[1]["count"])
     la = [r["loss"] for r in metrics(tmp_path / "true") if "loss" in r]
     lb = [r["loss"] for r in metrics(tmp_path / "false") if "loss" in r]

@@ -93,7 +93,7 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar length: less padding
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
     fused_logps: bool = True  # output layer only at scored positions, chunked: no [N, T, V] logits (logprobs.py)
-    share_prompts: bool = True  # rows with one prompt (a pair's two responses) run it once (logprobs.py)
+    share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py)
     fused_optimizer: bool = True  # torch's fused AdamW (one kernel for all parameters); not under FSDP/DeepSpeed
     progress: bool = True
     log_every: int = 1

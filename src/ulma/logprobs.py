@@ -183,13 +183,13 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     scored positions, chunk by chunk (:class:`LinearTokenLogps`), from the final hidden
     states; otherwise from the model's logits of the last positions (:func:`token_logps`).
     ``share_prompts`` (with ``fused``): rows with the same prompt -- a pair's chosen and
-    rejected -- run that prompt once (:func:`prompt_layout`).
+    rejected -- run that prompt once (:func:`pack_prompts`).
     """
     head = fusable_head(model) if fused else None
     if head is not None:
-        layout = prompt_layout(batch) if share_prompts and _can_share(model) else None
-        if layout is not None:
-            return _shared_prompt_logps(model, head, batch, layout, bf16, need_tokens)
+        pack = pack_prompts(batch) if share_prompts and _can_share(model) else None
+        if pack is not None:
+            return _packed_logps(model, head, batch, pack, bf16, need_tokens)
         return _fused_logps(model, head, batch, bf16, need_tokens)
     device = next(model.parameters()).device
     with autocast(device, bf16):
@@ -227,86 +227,78 @@ def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool) -> dic
     return result
 
 
+
 def _can_share(model) -> bool:
-    """Prompt sharing runs the model twice per batch with a key/value cache in between:
-    not under a wrapper whose forward talks to other processes (DDP, DeepSpeed), which
-    must all run the same number of forwards, nor with gradient checkpointing, under
-    which Hugging Face models return no cache."""
-    if hasattr(model, "module"):
-        return False
-    # transformers >= 5.2x renames is_gradient_checkpointing (and warns on the old name)
-    checkpointing = getattr(model, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    return not checkpointing
+    """Packed prompts need a custom [B, 1, W, W] attention mask, which Hugging Face models
+    take as it is with PyTorch's scaled-dot-product attention (not eager or flash-attn)."""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) == "sdpa"
 
 
-def prompt_layout(batch: dict) -> dict | None:
-    """How to run each distinct prompt of a right-padded batch once; None if none repeats.
+def pack_prompts(batch: dict) -> dict | None:
+    """One packed row per distinct prompt of a right-padded batch: [prompt, response_1, ...,
+    response_k], each response attending to the prompt and to itself (causally), at the
+    positions that continue the prompt.  None when no prompt repeats or packing would not
+    shrink the batch (P rows x width W >= N x T).
 
-    A row's prompt is its tokens before the first scored one (``loss_mask``), its response
-    the rest up to its length.  Returns CPU tensors: prompt_ids / prompt_mask [P, Tp]
-    (right-padded), owner [N] (each row's prompt), start [N] (each row's prompt length),
-    response_ids / response_mask / response_scored [N, Tr].
+    A row's prompt is its tokens before the first scored one (``loss_mask``).  Returns CPU
+    tensors: input_ids / position_ids [P, W], attention_mask [P, 1, W, W] bool (padding
+    attends to itself only: no empty row), and for the M scored tokens of the batch, in the
+    row-major order of ``loss_mask[:, 1:]``: src_row / src_pos [M], the packed position
+    whose hidden state scores the token, and targets [M].
     """
     ids, attn, scored = batch["input_ids"], batch["attention_mask"], batch["loss_mask"].bool()
+    n_rows, width = ids.shape
     if not bool(scored.any(1).all()):
         return None
     start = scored.int().argmax(1)  # first scored token of each row
     if int(start.min()) < 1:
-        return None  # no prompt token to take the first response token's log-prob from
+        return None  # no prompt token to score the first response token from
     length = attn.sum(1)
-    keys: dict[tuple, int] = {}
-    owner = [keys.setdefault(tuple(ids[i, : int(start[i])].tolist()), len(keys)) for i in range(len(ids))]
-    if len(keys) == len(owner):
+    groups: dict[tuple, list[int]] = {}
+    for i in range(n_rows):
+        groups.setdefault(tuple(ids[i, : int(start[i])].tolist()), []).append(i)
+    w = max(len(k) + sum(int(length[i] - start[i]) for i in g) for k, g in groups.items())
+    if len(groups) == n_rows or len(groups) * w >= n_rows * width:
         return None
-    first_row = {o: i for i, o in reversed(list(enumerate(owner)))}
-    tp, tr = int(start.max()), int((length - start).max())
-    prompt_ids = torch.zeros((len(keys), tp), dtype=ids.dtype)
-    prompt_mask = torch.zeros((len(keys), tp), dtype=attn.dtype)
-    for o, i in first_row.items():
-        n = int(start[i])
-        prompt_ids[o, :n], prompt_mask[o, :n] = ids[i, :n], 1
-    response_ids = torch.zeros((len(ids), tr), dtype=ids.dtype)
-    response_mask = torch.zeros((len(ids), tr), dtype=attn.dtype)
-    response_scored = torch.zeros((len(ids), tr), dtype=torch.bool)
-    for i in range(len(ids)):
-        a, b = int(start[i]), int(length[i])
-        response_ids[i, : b - a], response_mask[i, : b - a] = ids[i, a:b], 1
-        response_scored[i, : b - a] = scored[i, a:b]
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "owner": torch.tensor(owner), "start": start,
-            "response_ids": response_ids, "response_mask": response_mask, "response_scored": response_scored}
+    packed = torch.zeros((len(groups), w), dtype=ids.dtype)
+    positions = torch.zeros((len(groups), w), dtype=torch.long)
+    mask = torch.zeros((len(groups), w, w), dtype=torch.bool)
+    home, offset = torch.zeros(n_rows, dtype=torch.long), torch.zeros(n_rows, dtype=torch.long)
+    for p, (prompt, rows) in enumerate(groups.items()):
+        n = len(prompt)
+        packed[p, :n], positions[p, :n] = torch.tensor(prompt), torch.arange(n)
+        mask[p, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        o = n
+        for i in rows:
+            a, m = int(start[i]), int(length[i] - start[i])
+            packed[p, o : o + m], positions[p, o : o + m] = ids[i, a : a + m], torch.arange(n, n + m)
+            mask[p, o : o + m, :n] = True
+            mask[p, o : o + m, o : o + m] = torch.ones(m, m, dtype=torch.bool).tril()
+            home[i], offset[i] = p, o
+            o += m
+        pad = torch.arange(o, w)
+        mask[p, pad, pad] = True
+    rows, cols = scored[:, 1:].nonzero(as_tuple=True)
+    token = cols + 1  # position c scores token c + 1
+    first = start[rows]
+    src_pos = torch.where(token == first, first - 1, offset[rows] + token - 1 - first)
+    return {"input_ids": packed, "position_ids": positions, "attention_mask": mask[:, None],
+            "src_row": home[rows], "src_pos": src_pos, "targets": ids[rows, token]}
 
 
-def _shared_prompt_logps(model, head, batch: dict, layout: dict, bf16: bool, need_tokens: bool) -> dict:
-    """:func:`_fused_logps` with each distinct prompt run once.
-
-    Pass 1 runs the P prompts and keeps their keys and values; pass 2 runs the N responses
-    on those (copied to each row that shares the prompt), at positions that continue the
-    row's prompt.  A response's first token is scored from its prompt's last hidden state,
-    every later one from the response's own.  Gradients reach the prompt through both
-    rows' attention.  A DPO pair's prompt (3/4 of HH's tokens) runs once instead of twice.
-    """
+def _packed_logps(model, head, batch: dict, pack: dict, bf16: bool, need_tokens: bool) -> dict:
+    """:func:`_fused_logps` on the packed rows of :func:`pack_prompts`: each distinct prompt
+    runs once, and gradients reach it from every response that shares it.  A DPO pair's
+    prompt (3/4 of an HH harmless row's tokens) runs once instead of twice."""
     device = head.weight.device
-    lay = {k: v.to(device, non_blocking=True) for k, v in layout.items()}
-    owner, start = lay["owner"], lay["start"]
-    r_rows, r_cols = (i.to(device, non_blocking=True) for i in layout["response_scored"].nonzero(as_tuple=True))
-    positions = start[:, None] + torch.arange(layout["response_ids"].shape[1], device=device)
+    p = {k: v.to(device, non_blocking=True) for k, v in pack.items()}
     with autocast(device, bf16):
-        first = model(input_ids=lay["prompt_ids"], attention_mask=lay["prompt_mask"], use_cache=True,
-                      output_hidden_states=True, logits_to_keep=1)
-        cache = first.past_key_values
-        cache.batch_select_indices(owner)  # [P, ...] -> [N, ...]: one copy of its prompt per row
-        second = model(input_ids=lay["response_ids"], past_key_values=cache, use_cache=True,
-                       attention_mask=torch.cat([lay["prompt_mask"][owner], lay["response_mask"]], 1),
-                       position_ids=positions, output_hidden_states=True, logits_to_keep=1)
-        last_prompt = first.hidden_states[-1][owner, start - 1]  # [N, H]
-        # hidden[:, j] scores response token j: [N, Tr, H]
-        hidden = torch.cat([last_prompt[:, None], second.hidden_states[-1][:, :-1]], 1)
-        values = LinearTokenLogps.apply(hidden[r_rows, r_cols], head.weight, lay["response_ids"][r_rows, r_cols],
-                                        FUSED_CHUNK)
-    # Same scored tokens in the same (row-major) order as the unshared batch's positions.
-    scored = batch["loss_mask"][:, 1:]
+        out = model(input_ids=p["input_ids"], attention_mask=p["attention_mask"], position_ids=p["position_ids"],
+                    use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]  # [P, W, H], after the final norm
+        values = LinearTokenLogps.apply(hidden[p["src_row"], p["src_pos"]], head.weight, p["targets"], FUSED_CHUNK)
+    scored = batch["loss_mask"][:, 1:]  # the same scored tokens, in the same order
     rows, cols = (i.to(device, non_blocking=True) for i in scored.nonzero(as_tuple=True))
     mask = scored.to(device)
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)

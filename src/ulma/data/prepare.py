@@ -105,7 +105,7 @@ def build_eval(examples: list, method, tok: Tokenizer, threshold: float | None) 
     pairs = [e for e in examples if e.kind == "pair"]
     pw = as_kind([e for e in examples if e.kind == "pointwise"], "pointwise")
     for p in pairs + pointwise_to_pairs(pw):
-        ev.pairs.append((tok.add(table, p.prompt, p.chosen), tok.add(table, p.prompt, p.rejected)))
+        ev.pairs.append(tok.add_pair(table, p.prompt, p.chosen, p.rejected))
     thr = threshold if threshold is not None else positive_threshold(pw)
     for e in as_kind(examples, "pointwise") if examples else []:
         ev.labelled_rows.append((tok.add(table, e.prompt, e.response), e.label >= thr))

@@ -80,32 +80,47 @@ class Tokenizer:
     def encode_response(self, response: str) -> list[int]:
         return self.tok(response, add_special_tokens=False)["input_ids"] + self._suffix
 
-    def add(self, table: SequenceTable, prompt, response: str, origin: str = "") -> int:
-        """Tokenize (prompt, response) into ``table`` (once) and return its row index."""
-        key = (prompt, response)
+    def add(self, table: SequenceTable, prompt, response: str, origin: str = "", partner: int = 0) -> int:
+        """Tokenize (prompt, response) into ``table`` (once) and return its row index.
+
+        ``partner``: the token count of the other response of a pair; the prompt is cut as
+        for the longer of the two (:meth:`add_pair`).
+        """
+        if not partner and (prompt, response, 0) in table._index:
+            return table._index[(prompt, response, 0)]
+        p, r = self.encode_prompt(prompt), self.encode_response(response)
+        partner = partner if partner > len(r) else 0  # the longer one is cut as if alone
+        key = (prompt, response, partner)
         if key in table._index:
             return table._index[key]
-        p, r = self.encode_prompt(prompt), self.encode_response(response)
-        ids, n_prompt, cut_p, cut_r = fit(p, r, self.max_length)
+        ids, n_prompt, cut_p, cut_r = fit(p, r, self.max_length, partner=partner)
         table.prompt_truncated += cut_p
         table.response_truncated += cut_r
         table.sequences.append(Sequence(ids, n_prompt, origin))
         table._index[key] = len(table.sequences) - 1
         return table._index[key]
 
+    def add_pair(self, table: SequenceTable, prompt, chosen: str, rejected: str, origin: str = "") -> tuple[int, int]:
+        """Both rows of a pair, with the prompt cut alike: DPO compares pi(y_w|x) with
+        pi(y_l|x) for one x (Eq. 3), and a batch then runs that x once (logprobs.pack_prompts)."""
+        lc, lr = len(self.encode_response(chosen)), len(self.encode_response(rejected))
+        return (self.add(table, prompt, chosen, origin, partner=lr), self.add(table, prompt, rejected, origin, partner=lc))
 
-def fit(prompt_ids: list[int], response_ids: list[int], max_length: int, min_prompt: int = 8):
+
+def fit(prompt_ids: list[int], response_ids: list[int], max_length: int, min_prompt: int = 8, partner: int = 0):
     """Join prompt and response within ``max_length``.
 
     The prompt loses tokens from its left; if the response alone leaves less than
     ``min_prompt`` prompt tokens (at most half of ``max_length``), the response loses
-    tokens from its right.  Returns (ids, n_prompt, prompt_was_cut, response_was_cut).
+    tokens from its right.  ``partner`` (a pair's other response, in tokens): the prompt
+    is cut to leave room for the longer of the two, so both rows keep the same prompt.
+    Returns (ids, n_prompt, prompt_was_cut, response_was_cut).
     """
     room_for_response = max_length - min(min_prompt, len(prompt_ids), max_length // 2)
     cut_r = len(response_ids) > room_for_response
     if cut_r:
         response_ids = response_ids[:room_for_response]
-    room_for_prompt = max_length - len(response_ids)
+    room_for_prompt = max_length - max(len(response_ids), min(partner, room_for_response))
     cut_p = len(prompt_ids) > room_for_prompt
     if cut_p:
         prompt_ids = prompt_ids[len(prompt_ids) - room_for_prompt :]
@@ -152,7 +167,7 @@ def build_units(
     thr = threshold if threshold is not None else positive_threshold(pw)
     for e in examples:
         if e.kind == "pair":
-            rows = (tokenizer.add(table, e.prompt, e.chosen, e.origin), tokenizer.add(table, e.prompt, e.rejected, e.origin))
+            rows = tokenizer.add_pair(table, e.prompt, e.chosen, e.rejected, e.origin)
             z = 1.0
         else:
             rows = (tokenizer.add(table, e.prompt, e.response, e.origin),)

@@ -29,7 +29,7 @@ def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: li
 
     Rows are run longest first in batches of similar length (less padding); with
     ``share_prompts``, rows with the same prompt next to each other, so that a batch runs
-    each prompt once (:func:`ulma.logprobs.prompt_layout`).  At least ``min_batches``
+    each prompt once (:func:`ulma.logprobs.pack_prompts`).  At least ``min_batches``
     forward passes are run (extra ones on row 0, discarded): with sharded weights (FSDP,
     ZeRO-3) every process must run the same number of forwards.
     """
