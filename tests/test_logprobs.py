@@ -168,6 +168,20 @@ def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), n
 
 
+def test_packing_is_used_only_where_it_costs_less():
+    """Two rows share a 1-token prompt, each with a 10-token response: T = 11, packed W = 21.
+    Tokens: 1 x 21 < 2 x 11.  Cost per row W x (6h + W): h = 1 -> 567 > 2 x 11 x 17 = 374
+    (attention's W^2 dominates: no packing); h = 1000 -> 126441 < 132242 (packing)."""
+    from ulma.logprobs import pack_prompts
+
+    ids = torch.cat([torch.full((2, 1), 7), torch.arange(20).view(2, 10) + 10], 1)  # [2, 11]
+    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 11, dtype=torch.long),
+             "loss_mask": torch.cat([torch.zeros(2, 1, dtype=torch.bool), torch.ones(2, 10, dtype=torch.bool)], 1)}
+    assert pack_prompts(batch)["input_ids"].tolist() == [[7] + list(range(10, 30))]
+    assert pack_prompts(batch, hidden=1) is None
+    assert pack_prompts(batch, hidden=1000)["src_pos"].tolist() == list(range(10)) + [0] + list(range(11, 20))
+
+
 def test_forward_passes_skip_cudnn_attention():
     """Every forward pass (and generation) turns cuDNN's attention off: on CUDA it builds a
     graph per new shape (2-3.8 s a LoRA step on an H100).  The backend flags PyTorch reads

@@ -187,7 +187,7 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     """
     head = fusable_head(model) if fused else None
     if head is not None:
-        pack = pack_prompts(batch) if share_prompts and _can_share(model) else None
+        pack = pack_prompts(batch, _hidden_size(model)) if share_prompts and _can_share(model) else None
         if pack is not None:
             return _packed_logps(model, head, batch, pack, bf16, need_tokens)
         return _fused_logps(model, head, batch, bf16, need_tokens)
@@ -235,11 +235,18 @@ def _can_share(model) -> bool:
     return getattr(getattr(inner, "config", None), "_attn_implementation", None) == "sdpa"
 
 
-def pack_prompts(batch: dict) -> dict | None:
+def _hidden_size(model) -> int:
+    inner = getattr(model, "module", model)
+    return int(getattr(getattr(inner, "config", None), "hidden_size", 0) or 0)
+
+
+def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
     """One packed row per distinct prompt of a right-padded batch: [prompt, response_1, ...,
     response_k], each response attending to the prompt and to itself (causally), at the
     positions that continue the prompt.  None when no prompt repeats or packing would not
-    shrink the batch (P rows x width W >= N x T).
+    shrink the batch's cost: per row, width x 6 x ``hidden`` for the matrix products (12 h^2
+    multiply-adds a token against attention's 2 x width x h) plus width^2 for attention;
+    ``hidden`` 0 counts tokens only.  Long packed rows make attention's quadratic part grow.
 
     A row's prompt is its tokens before the first scored one (``loss_mask``).  Returns CPU
     tensors: input_ids / position_ids [P, W], attention_mask [P, 1, W, W] bool (padding
@@ -259,7 +266,8 @@ def pack_prompts(batch: dict) -> dict | None:
     for i in range(n_rows):
         groups.setdefault(tuple(ids[i, : int(start[i])].tolist()), []).append(i)
     w = max(len(k) + sum(int(length[i] - start[i]) for i in g) for k, g in groups.items())
-    if len(groups) == n_rows or len(groups) * w >= n_rows * width:
+    cost = lambda rows, wide: rows * wide * (6 * hidden + wide if hidden else 1)  # noqa: E731
+    if len(groups) == n_rows or cost(len(groups), w) >= cost(n_rows, width):
         return None
     packed = torch.zeros((len(groups), w), dtype=ids.dtype)
     positions = torch.zeros((len(groups), w), dtype=torch.long)
