@@ -187,10 +187,10 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     """
     head = fusable_head(model) if fused else None
     if head is not None:
-        pack = pack_prompts(batch, _hidden_size(model)) if share_prompts and _can_share(model) else None
-        if pack is not None:
-            return _packed_logps(model, head, batch, pack, bf16, need_tokens)
-        return _fused_logps(model, head, batch, bf16, need_tokens)
+        pack = None
+        if share_prompts and _can_share(model):
+            pack = pack_prompts(batch, int(getattr(_config(model), "hidden_size", 0) or 0))
+        return _fused_logps(model, head, batch, bf16, need_tokens, pack)
     device = next(model.parameters()).device
     with autocast(device, bf16):
         logits = model(
@@ -206,19 +206,28 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     return out
 
 
-def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool) -> dict:
+def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool, pack: dict | None = None) -> dict:
+    """Log-probs from the final hidden states at the scored positions, of the batch's rows
+    or of their packed form (:func:`pack_prompts`: each distinct prompt runs once, and
+    gradients reach it from every response that shares it)."""
     device = head.weight.device
-    ids = batch["input_ids"].to(device)
-    # Position t's hidden state scores token t+1.  The scored positions are found where the
-    # batch was built (on the CPU): indexing with them needs no wait for the GPU, where a
-    # boolean mask would (its count decides the output's size).
+    # The scored positions are found where the batch was built (on the CPU): indexing with
+    # them needs no wait for the GPU, where a boolean mask would (its count decides the
+    # output's size).
     scored = batch["loss_mask"][:, 1:]
     rows, cols = (i.to(device, non_blocking=True) for i in scored.nonzero(as_tuple=True))
+    if pack is None:  # whole rows: position c scores token c + 1
+        ids = batch["input_ids"].to(device)
+        inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}
+        at, targets = (rows, cols), ids[rows, cols + 1]
+    else:  # the same scored tokens, in the same order
+        p = {k: v.to(device, non_blocking=True) for k, v in pack.items()}
+        inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        at, targets = (p["src_row"], p["src_pos"]), p["targets"]
     with autocast(device, bf16):
-        out = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1)  # the model's own logits: 1 position
-        hidden = out.hidden_states[-1]  # [N, T, H], after the final norm
-        values = LinearTokenLogps.apply(hidden[rows, cols], head.weight, ids[rows, cols + 1], FUSED_CHUNK)
+        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)  # own logits: 1 position
+        hidden = out.hidden_states[-1]  # [rows, width, H], after the final norm
+        values = LinearTokenLogps.apply(hidden[at], head.weight, targets, FUSED_CHUNK)
     mask = scored.to(device)
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)
     result = {"sum": logps.sum(-1), "count": mask.sum(-1)}
@@ -227,17 +236,14 @@ def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool) -> dic
     return result
 
 
+def _config(model):
+    return getattr(getattr(model, "module", model), "config", None)  # through DDP / DeepSpeed wrappers
+
 
 def _can_share(model) -> bool:
     """Packed prompts need a custom [B, 1, W, W] attention mask, which Hugging Face models
     take as it is with PyTorch's scaled-dot-product attention (not eager or flash-attn)."""
-    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine
-    return getattr(getattr(inner, "config", None), "_attn_implementation", None) == "sdpa"
-
-
-def _hidden_size(model) -> int:
-    inner = getattr(model, "module", model)
-    return int(getattr(getattr(inner, "config", None), "hidden_size", 0) or 0)
+    return getattr(_config(model), "_attn_implementation", None) == "sdpa"
 
 
 def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
@@ -294,23 +300,3 @@ def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
     return {"input_ids": packed, "position_ids": positions, "attention_mask": mask[:, None],
             "src_row": home[rows], "src_pos": src_pos, "targets": ids[rows, token]}
 
-
-def _packed_logps(model, head, batch: dict, pack: dict, bf16: bool, need_tokens: bool) -> dict:
-    """:func:`_fused_logps` on the packed rows of :func:`pack_prompts`: each distinct prompt
-    runs once, and gradients reach it from every response that shares it.  A DPO pair's
-    prompt (3/4 of an HH harmless row's tokens) runs once instead of twice."""
-    device = head.weight.device
-    p = {k: v.to(device, non_blocking=True) for k, v in pack.items()}
-    with autocast(device, bf16):
-        out = model(input_ids=p["input_ids"], attention_mask=p["attention_mask"], position_ids=p["position_ids"],
-                    use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1]  # [P, W, H], after the final norm
-        values = LinearTokenLogps.apply(hidden[p["src_row"], p["src_pos"]], head.weight, p["targets"], FUSED_CHUNK)
-    scored = batch["loss_mask"][:, 1:]  # the same scored tokens, in the same order
-    rows, cols = (i.to(device, non_blocking=True) for i in scored.nonzero(as_tuple=True))
-    mask = scored.to(device)
-    logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)
-    result = {"sum": logps.sum(-1), "count": mask.sum(-1)}
-    if need_tokens:
-        result["tokens"], result["mask"] = logps, mask
-    return result
