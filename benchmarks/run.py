@@ -69,7 +69,10 @@ def write_data(out: Path, n_pairs: int, max_tokens: int, model: str = "smollm2-1
 
     def fits(prompt, reply) -> bool:
         msgs = list(prompt) + [{"role": "assistant", "content": reply}]
-        return len(tok.apply_chat_template(msgs, tokenize=True)) <= max_tokens
+        # Counted from the text: transformers 5's apply_chat_template(tokenize=True) returns a
+        # BatchEncoding, whose len() is its number of fields (2), so every pair would "fit".
+        text = tok.apply_chat_template(msgs, tokenize=False)
+        return len(tok(text, add_special_tokens=False)["input_ids"]) <= max_tokens
 
     pairs = [e for e in loaded.examples if fits(e.prompt, e.chosen) and fits(e.prompt, e.rejected)][:n_pairs]
     with open(out / "pairs.jsonl", "w") as f, open(out / "unpaired.jsonl", "w") as g:

@@ -128,3 +128,17 @@ def test_cli_perplexity_of_a_run_on_its_held_out_split(runs, tokenizer):
     assert result["ci"][0] <= result["perplexity"] <= result["ci"][1]
     assert len(rows) == result["examples"] and sum(r["tokens"] for r in rows) == tokens
 
+
+
+def test_rows_of_one_prompt_run_widest_packed_group_first():
+    from ulma.data.tokenize import Sequence, SequenceTable
+    from ulma.evaluation.metrics import _longest_first
+
+    # prompt A (5 tokens): responses of 3 and 3 -> packed width 11, longest row 8
+    # prompt B (2 tokens): responses of 7 and 6 -> packed width 15, longest row 9
+    # prompt C (8 tokens): one response of 2     -> packed width 10, longest row 10
+    seqs = [Sequence([1] * 5 + [4] * 3, 5), Sequence([2] * 2 + [4] * 7, 2), Sequence([1] * 5 + [5] * 3, 5),
+            Sequence([2] * 2 + [5] * 6, 2), Sequence([3] * 8 + [4] * 2, 8)]
+    table = SequenceTable(seqs)
+    assert _longest_first(table, [0, 1, 2, 3, 4], by_prompt=True) == [1, 3, 0, 2, 4]
+    assert _longest_first(table, [0, 1, 2, 3, 4], by_prompt=False) == [4, 1, 0, 2, 3]

@@ -61,6 +61,27 @@ def test_linear_token_logps_match_log_softmax_values_and_gradients():
     assert torch.allclose(fh, gh, atol=1e-10) and torch.allclose(fw, gw, atol=1e-10)
 
 
+def test_linear_token_logps_under_bf16_autocast_match_the_bf16_products_log_softmax():
+    from ulma.logprobs import LinearTokenLogps
+
+    torch.manual_seed(3)
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (9,))
+    g = torch.randn(9)
+    # second implementation: the bf16 product (as autocast runs the output layer), then a
+    # float32 log-softmax over the whole vocabulary, autograd's gradients
+    logits = (hidden.bfloat16() @ weight.bfloat16().T).float()
+    ref = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
+    gh, gw = torch.autograd.grad((ref * g).sum(), (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = LinearTokenLogps.apply(hidden, weight, targets, 4)
+    fh, fw = torch.autograd.grad((out * g).sum(), (hidden, weight))
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5)
+    # the backward's matrix products run in bf16 as well: bf16's 3 significant digits
+    assert torch.allclose(fh, gh, rtol=2e-2, atol=2e-2) and torch.allclose(fw, gw, rtol=2e-2, atol=2e-2)
+
+
 THREE_ROWS = [("How do I bake bread?", "Mix flour, water, yeast and salt, then knead and bake."),
               ("Hi", "Hello! How can I help?"), ("Tell me a secret.", "No.")]
 

@@ -77,3 +77,31 @@ def test_pairs_are_flattened_chosen_then_rejected_and_padded_right(tokenizer):
     assert attn[2].tolist() == [1] * n_no + [0] * (width - n_no)
     assert (ids[2, n_no:] == tokenizer.pad_token_id).all()
     assert torch.equal(batch["labels"], torch.tensor([1.0, 1.0]))
+
+
+def test_a_pairs_packed_length_counts_its_prompt_once():
+    from ulma.data.tokenize import Sequence, SequenceTable, Units
+
+    # prompt [1, 2, 3]; chosen response 4 tokens, rejected 2; a point-wise row of 6 tokens
+    table = SequenceTable([Sequence([1, 2, 3, 4, 5, 6, 7], 3), Sequence([1, 2, 3, 8, 9], 3),
+                           Sequence([9, 9, 9, 9, 4, 5], 4), Sequence([7, 2, 3, 8, 9], 3)])
+    units = Units(table, rows=[(0, 1), (2,), (0, 3)])
+    assert [units.length(i) for i in range(3)] == [7, 6, 7]  # the longest row
+    # packed: 3 + 4 + 2; one row is itself; different prompts are not packed: the longest row
+    assert [units.length(i, packed=True) for i in range(3)] == [9, 6, 7]
+
+
+def test_length_grouping_sorts_pairs_by_packed_width():
+    from ulma.data.tokenize import Sequence, SequenceTable, Units
+    from ulma.train import epoch_plan
+
+    # pair 0: rows of 10 and 10 tokens after a 6-token prompt -> longest 10, packed 14
+    # pair 1: rows of 12 and 7 after a 6-token prompt -> longest 12, packed 13
+    # pair 2: rows of 11 and 11 after a 2-token prompt -> longest 11, packed 20
+    seqs = [Sequence([1] * 6 + [5] * 4, 6), Sequence([1] * 6 + [6] * 4, 6),
+            Sequence([2] * 6 + [5] * 6, 6), Sequence([2] * 6 + [6] * 1, 6),
+            Sequence([3] * 2 + [5] * 9, 2), Sequence([3] * 2 + [6] * 9, 2)]
+    units = Units(SequenceTable(seqs), rows=[(0, 1), (2, 3), (4, 5)])
+    flat = lambda plan: [i for b in plan for i in b]  # noqa: E731
+    assert flat(epoch_plan(units, 3, 1, 0, 0, True)) == [0, 2, 1]  # 10 < 11 < 12
+    assert flat(epoch_plan(units, 3, 1, 0, 0, True, packed=True)) == [1, 0, 2]  # 13 < 14 < 20

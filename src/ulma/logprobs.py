@@ -117,9 +117,13 @@ class LinearTokenLogps(torch.autograd.Function):
     hidden [M, H], weight [V, H] (the output layer), targets [M] -> float32 [M].  The
     [M, V] logits exist one chunk ([chunk, V]) at a time, in the forward and again in the
     backward, which recomputes them: no [N, T, V] logits, no [N, T, V] logits gradient.
-    Gradient: d logp / d logits = onehot(target) - softmax(logits).  The matrix products
-    run in the autocast dtype when autocast is on (as the model's own output layer
-    would), the log-sum-exp in float32.
+    Gradient: d logp / d logits = onehot(target) - softmax(logits), with the softmax taken
+    from the forward's log-sum-exp (saved, [M]).  Each chunk's float32 logits are one
+    buffer, turned in place into exp(logits - max) and, in the backward, into the gradient:
+    the peak is one [chunk, V] float32 tensor (plus the product's own in bf16 under
+    autocast) instead of the three or four a log-softmax and its gradient make.  The
+    matrix products run in the autocast dtype when autocast is on (as the model's own
+    output layer would), the log-sum-exp in float32.
     """
 
     @staticmethod
@@ -128,29 +132,40 @@ class LinearTokenLogps(torch.autograd.Function):
             else hidden.dtype
         w = weight.to(dt)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
         for s in range(0, hidden.shape[0], chunk):
-            out[s : s + chunk] = _picked_logps(hidden[s : s + chunk].to(dt) @ w.T, targets[s : s + chunk])
-        ctx.save_for_backward(hidden, weight, targets)
+            z = _float_buffer(hidden[s : s + chunk].to(dt) @ w.T)  # [c, V]
+            picked = z.gather(1, targets[s : s + chunk, None]).squeeze(1)
+            top = z.amax(1, keepdim=True)
+            lse[s : s + chunk] = z.sub_(top).exp_().sum(1).log_() + top.squeeze(1)
+            out[s : s + chunk] = picked - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.dt = chunk, dt
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, lse = ctx.saved_tensors
         w = weight.to(ctx.dt)
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] \
             else None
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s : s + ctx.chunk].to(ctx.dt)
-            p = (h @ w.T).float().softmax(-1)  # [c, V]
+            p = _float_buffer(h @ w.T).sub_(lse[s : s + ctx.chunk, None]).exp_()  # softmax [c, V]
             p.scatter_add_(1, targets[s : s + ctx.chunk, None], -torch.ones_like(p[:, :1]))  # softmax - onehot
-            d_logits = (p * -grad[s : s + ctx.chunk, None]).to(ctx.dt)  # dL/dlogits = g * (onehot - softmax)
+            d_logits = p.mul_(-grad[s : s + ctx.chunk, None]).to(ctx.dt)  # dL/dlogits = g * (onehot - softmax)
             if grad_h is not None:
                 grad_h[s : s + ctx.chunk] = (d_logits @ w).to(hidden.dtype)
             if grad_w is not None:
                 grad_w += (d_logits.T @ h).float()
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+def _float_buffer(logits: torch.Tensor) -> torch.Tensor:
+    """The product in at least float32, as a tensor this code owns (a fresh float32 or
+    float64 product already is one; a bf16 one is copied), so that it may be changed in place."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 FUSED_CHUNK = 512  # scored positions per chunk: [512, 49k] float32 logits = 100 MB for SmolLM2

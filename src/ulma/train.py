@@ -46,19 +46,23 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_length: bool,
+               packed: bool = False) -> list[list[int]]:
     """Global micro-batches (``micro * world`` units each) for one epoch.
 
     Shuffled with a generator seeded by (seed, epoch); with ``group_by_length`` the
     shuffled order is cut into windows of 32 micro-batches that are sorted by length,
-    which cuts padding while keeping the order random at the window level.
+    which cuts padding while keeping the order random at the window level.  ``packed``
+    (shared prompts): a pair's length is its packed width, prompt + both responses, the
+    width of the row it runs as.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(units), generator=g).tolist()
     size = micro * world
     if group_by_length:
         window = size * 32
-        order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=units.length)]
+        order = [i for s in range(0, len(order), window)
+                 for i in sorted(order[s : s + window], key=lambda i: units.length(i, packed))]
     batches = [order[s : s + size] for s in range(0, len(order), size)]
     if group_by_length:
         perm = torch.randperm(len(batches), generator=g).tolist()
@@ -201,7 +205,8 @@ class Trainer:
         needed = self.total_steps * t.grad_accum
         plan, epoch = [], 0
         while len(plan) < needed:
-            plan += epoch_plan(self.data.train, t.micro_batch_size, self.acc.num_processes, t.seed, epoch, t.group_by_length)
+            plan += epoch_plan(self.data.train, t.micro_batch_size, self.acc.num_processes, t.seed, epoch,
+                               t.group_by_length, packed=t.share_prompts)
             epoch += 1
         return plan[:needed]
 

@@ -148,8 +148,17 @@ class Units:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def length(self, i: int) -> int:
-        return max(len(self.table.sequences[r].input_ids) for r in self.rows[i])
+    def length(self, i: int, packed: bool = False) -> int:
+        """Tokens of unit i's longest row; ``packed``: of its rows with their common prompt
+        counted once (a pair's width when its prompt runs once, logprobs.pack_prompts)."""
+        seqs = [self.table.sequences[r] for r in self.rows[i]]
+        longest = max(len(s.input_ids) for s in seqs)
+        if not packed or len(seqs) == 1:
+            return longest
+        n = seqs[0].n_prompt
+        if any(s.n_prompt != n or s.input_ids[:n] != seqs[0].input_ids[:n] for s in seqs[1:]):
+            return longest  # prompts differ: not packed together
+        return n + sum(len(s.input_ids) - n for s in seqs)
 
     @property
     def is_pair(self) -> bool:

@@ -57,16 +57,18 @@ def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: li
 
 
 def _longest_first(table, rows: list[int], by_prompt: bool) -> list[int]:
-    """Rows longest first; ``by_prompt``: groups of rows with one prompt, longest group first."""
+    """Rows longest first; ``by_prompt``: groups of rows with one prompt, widest group first,
+    where a group's width is that of its packed row (the prompt once, then every response),
+    so that the packed rows of a batch have similar widths."""
     seqs = table.sequences
     if not by_prompt:
         return sorted(rows, key=lambda r: -len(seqs[r].input_ids))
     group: dict[tuple, int] = {}
     of = [group.setdefault(tuple(seqs[r].input_ids[: seqs[r].n_prompt]), len(group)) for r in rows]
-    longest = [0] * len(group)
+    width = [len(prompt) for prompt in group]
     for r, g in zip(rows, of):
-        longest[g] = max(longest[g], len(seqs[r].input_ids))
-    return [r for _, _, _, r in sorted((-longest[g], g, -len(seqs[r].input_ids), r) for r, g in zip(rows, of))]
+        width[g] += len(seqs[r].input_ids) - seqs[r].n_prompt
+    return [r for _, _, _, r in sorted((-width[g], g, -len(seqs[r].input_ids), r) for r, g in zip(rows, of))]
 
 
 def precompute_reference(ref_model, table, pad_id: int, batch_size: int, bf16: bool, progress: bool = True) -> dict:
