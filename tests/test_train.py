@@ -223,3 +223,48 @@ def test_shared_prompts_change_no_result(tiny_model_dir, pair_file, tmp_path):
     assert wa.keys() == wb.keys() and len(wa) > 0
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_frozen_weights_in_bf16_change_no_result(tiny_model_dir, pointwise_file, tmp_path):
+    """train.bf16_frozen_weights: under bf16 autocast, LoRA's frozen base Linears (and a live
+    reference copy's) are stored in bf16; autocast cast them to bf16 for every product
+    anyway, so losses and adapter weights are the same, bit for bit."""
+    from ulma.models import is_peft
+
+    def run(name, *extra):
+        t = Trainer(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / name, "method.name=ulma", "train.max_steps=2",
+                             "train.bf16=true", *extra))
+        ref, _ = t._reference_caches()
+        losses = [t.train_step(s, ref)["loss"] for s in range(2)]
+        return t, losses
+
+    on, l_on = run("on")
+    off, l_off = run("off", "train.bf16_frozen_weights=false")
+    assert l_on == l_off
+    a = {n: p for n, p in on.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in off.model.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # what is stored in bf16: the 7 Linears of each decoder layer (q, k, v, o, gate, up, down),
+    # not the adapters, norms, the embedding or the output layer tied to it
+    cfg = on.model.config
+    dtypes = {n: p.dtype for n, p in on.model.named_parameters()}
+    half = {n for n, d in dtypes.items() if d == torch.bfloat16}
+    assert len(half) == 7 * cfg.num_hidden_layers and all(n.endswith("base_layer.weight") or "lora" not in n
+                                                         for n in half)
+    assert not any("lora_" in n or "norm" in n or "embed" in n for n in half)
+    assert all(dtypes[n] == torch.float32 for n in a)
+    assert all(p.dtype == torch.float32 for p in off.model.parameters())
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i  # q, o; k, v; gate, up, down (no biases)
+    bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert bytes_of(off.model) - bytes_of(on.model) == 2 * per_layer * cfg.num_hidden_layers
+    assert is_peft(on.model)
+
+    # full fine-tuning with a live reference: the frozen copy's Linears in bf16, the policy's not
+    full = ["model.lora.enabled=false", "model.reference=live"]
+    f_on, lf_on = run("full-on", *full)
+    f_off, lf_off = run("full-off", *full, "train.bf16_frozen_weights=false")
+    assert lf_on == lf_off
+    assert all(p.dtype == torch.float32 for p in f_on.model.parameters())
+    assert sum(p.dtype == torch.bfloat16 for p in f_on.reference.copy.parameters()) == 7 * cfg.num_hidden_layers

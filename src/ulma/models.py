@@ -111,6 +111,30 @@ def add_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, cfg)
 
 
+def store_frozen_linears(model, dtype: torch.dtype) -> int:
+    """Store the weights (and biases) of frozen ``nn.Linear`` layers in ``dtype``; returns
+    how many layers were changed.  For a LoRA model these are the base model's layers.
+
+    Only for a model whose every forward runs under autocast to ``dtype``: autocast casts
+    a Linear's float32 weight to ``dtype`` for each product anyway (for a frozen weight,
+    at every call), so a weight stored in ``dtype`` gives the same products, half the
+    memory and no per-call cast.  Left in float32: trainable weights (the optimizer's
+    master copies), a weight shared with an embedding (the tied output layer: lookups are
+    not autocast), and everything that is not a Linear (norms, embeddings).
+    """
+    shared = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n = 0
+    for m in model.modules():
+        if type(m) is not torch.nn.Linear or m.weight.data_ptr() in shared:
+            continue
+        params = [p for p in (m.weight, m.bias) if p is not None]
+        if any(p.requires_grad for p in params) or all(p.dtype == dtype for p in params):
+            continue
+        m.to(dtype)
+        n += 1
+    return n
+
+
 def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 

@@ -132,6 +132,7 @@ class Trainer:
         ckpt.check_space(self.out, self.model, self.tokenizer, cfg.train.keep_checkpoints)
         keep_copy = cfg.model.reference == "live" and self.method.needs_reference
         self.reference = Reference(self.model, keep_copy=keep_copy)
+        self._store_frozen_in_bf16()
         if self.reference.copy is not None and self.fsdp:
             self._broadcast(self.reference.copy)
         if self.resume_from is not None:
@@ -143,6 +144,19 @@ class Trainer:
         if self.fsdp:  # FSDP1 wraps the model (FSDP2 shards it in place): pi_ref runs through the wrapper
             self.reference.policy = self.model
         self.plan = self._plan()
+
+    def _store_frozen_in_bf16(self) -> None:
+        """``train.bf16_frozen_weights``: under bf16 autocast, LoRA's frozen base layers and a
+        live reference copy keep their Linear weights in bf16 (the same products, half their
+        memory: 2.35 of the 4.7 GB of a 1.17B model's float32 weights).  Not under FSDP or
+        DeepSpeed, which keep their own flat parameter buffers of one dtype."""
+        from ulma.models import store_frozen_linears
+
+        if not (self.bf16 and self.cfg.train.bf16_frozen_weights) or self.fsdp or self.deepspeed:
+            return
+        for net in (self.model, self.reference.copy):
+            if net is not None:
+                store_frozen_linears(net, torch.bfloat16)
 
     @property
     def fsdp(self) -> bool:
