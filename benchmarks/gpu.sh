@@ -29,4 +29,4 @@ echo "model built in $(( $(date +%s) - t0 )) s"
 $PY benchmarks/run.py --model "$MODEL" --data .gpu/data --rounds 1 --steps "${STEPS:-10}" --warmup "${WARMUP:-3}" \
   --keep-going --timeout 150 --out "$OUT" --rows 256 --prompts 32 --new-tokens 64 \
   --only ${ONLY:-ulma-ulma-lora ulma-ulma-full ulma-dpo-lora ulma-dpo-full ulma-ulma-lora-checkpointed forward-ulma generate-ulma} \
-  --levers ${LEVERS:-ulma-ulma-full-unfused} 2>&1 | tee "$OUT/log.txt"
+  --levers ${LEVERS:-ulma-ulma-lora-checkpointed-fp32-frozen ulma-ulma-full-unfused} 2>&1 | tee "$OUT/log.txt"

@@ -50,6 +50,8 @@ LEVERS = [
     ("ulma-ulma-lora", "ulma-ulma-lora-unfused", "fused output layer: logits only at response tokens, chunked (LoRA)"),
     ("ulma-ulma-full", "ulma-ulma-full-unfused", "fused output layer (full fine-tuning)"),
     ("ulma-ulma-full", "ulma-ulma-full-foreach-adamw", "fused AdamW (vs the per-tensor loop), full fine-tuning"),
+    ("ulma-ulma-lora-checkpointed", "ulma-ulma-lora-checkpointed-fp32-frozen",
+     "frozen base weights stored in bf16 under bf16 autocast (LoRA, checkpointed; memory)"),
     ("ulma-dpo-lora", "ulma-dpo-lora-unshared", "shared prompts: a pair's prompt run once (DPO, LoRA)"),
     ("forward-ulma", "forward-ulma-unshared", "shared prompts: rows of one prompt run it once (forward-only)"),
     ("forward-ulma", "forward-plain", "forward-only: length-sorted batches, output layer only at response tokens, "

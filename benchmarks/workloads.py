@@ -279,6 +279,8 @@ WORKLOADS = {
                                                    train={"group_by_length": False}),
     "ulma-ulma-lora-checkpointed": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
                                                       train={"gradient_checkpointing": True}),
+    "ulma-ulma-lora-checkpointed-fp32-frozen": lambda a: run_ulma(
+        "ulma", True, a.data, a.steps, a.work, train={"gradient_checkpointing": True, "bf16_frozen_weights": False}),
     "ulma-ulma-lora-unfused": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work, train={"fused_logps": False}),
     "ulma-ulma-full-unfused": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
                                                  train={"fused_logps": False}),

@@ -132,7 +132,21 @@ def store_frozen_linears(model, dtype: torch.dtype) -> int:
             continue
         m.to(dtype)
         n += 1
+    if n:
+        _release_checkpoint_mapping(model)
     return n
+
+
+def _release_checkpoint_mapping(model) -> None:
+    """Give CPU parameters and buffers memory of their own.  Weights loaded on the CPU are
+    views of the memory-mapped checkpoint file, and the mapping lives while any of them does:
+    after frozen Linears are cast, the untouched embedding would keep the whole float32 file
+    resident beside the bf16 copies (measured on SmolLM2-135M: +200 MB resident instead of
+    -220 MB).  On a GPU the weights were copied off the file already."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.device.type == "cpu":
+                t.data = t.data.clone()
 
 
 def is_peft(model) -> bool:
