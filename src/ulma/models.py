@@ -123,6 +123,7 @@ def store_frozen_linears(model, dtype: torch.dtype) -> int:
     not autocast), and everything that is not a Linear (norms, embeddings).
     """
     shared = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    cast: set[int] = set()  # ids of the cast parameters (.to() keeps the Parameter objects)
     n = 0
     for m in model.modules():
         if type(m) is not torch.nn.Linear or m.weight.data_ptr() in shared:
@@ -131,21 +132,23 @@ def store_frozen_linears(model, dtype: torch.dtype) -> int:
         if any(p.requires_grad for p in params) or all(p.dtype == dtype for p in params):
             continue
         m.to(dtype)
+        cast.update(id(p) for p in params)
         n += 1
     if n:
-        _release_checkpoint_mapping(model)
+        _release_checkpoint_mapping(model, skip=cast)
     return n
 
 
-def _release_checkpoint_mapping(model) -> None:
-    """Give CPU parameters and buffers memory of their own.  Weights loaded on the CPU are
-    views of the memory-mapped checkpoint file, and the mapping lives while any of them does:
-    after frozen Linears are cast, the untouched embedding would keep the whole float32 file
-    resident beside the bf16 copies (measured on SmolLM2-135M: +200 MB resident instead of
-    -220 MB).  On a GPU the weights were copied off the file already."""
+def _release_checkpoint_mapping(model, skip: set[int]) -> None:
+    """Give CPU parameters and buffers memory of their own (but those in ``skip``: just cast,
+    they have it).  Weights loaded on the CPU are views of the memory-mapped checkpoint
+    file, and the mapping lives while any of them does: after frozen Linears are cast, the
+    untouched embedding would keep the whole float32 file resident beside the bf16 copies
+    (measured on SmolLM2-135M: +200 MB resident instead of -220 MB).  On a GPU the weights
+    were copied off the file already."""
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
-            if t.device.type == "cpu":
+            if t.device.type == "cpu" and id(t) not in skip:
                 t.data = t.data.clone()
 
 

@@ -45,6 +45,13 @@ class Sequence:
     origin: str = ""
 
 
+def packed_width(seqs: list[Sequence]) -> int:
+    """Tokens of rows that share one prompt when it is counted once: the width of their
+    packed row [prompt, response_1, ...] (logprobs.pack_prompts)."""
+    n = seqs[0].n_prompt
+    return n + sum(len(s.input_ids) - n for s in seqs)
+
+
 @dataclass
 class SequenceTable:
     """Unique tokenized (prompt, response) sequences plus the statistics of truncation."""
@@ -158,7 +165,7 @@ class Units:
         n = seqs[0].n_prompt
         if any(s.n_prompt != n or s.input_ids[:n] != seqs[0].input_ids[:n] for s in seqs[1:]):
             return longest  # prompts differ: not packed together
-        return n + sum(len(s.input_ids) - n for s in seqs)
+        return packed_width(seqs)
 
     @property
     def is_pair(self) -> bool:

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ulma.data.tokenize import Units, pad_rows
+from ulma.data.tokenize import Units, packed_width, pad_rows
 from ulma.logprobs import forward_logps, reduce_logps
 from ulma.losses import group_mean
 from ulma.methods import LossInputs
@@ -65,9 +65,10 @@ def _longest_first(table, rows: list[int], by_prompt: bool) -> list[int]:
         return sorted(rows, key=lambda r: -len(seqs[r].input_ids))
     group: dict[tuple, int] = {}
     of = [group.setdefault(tuple(seqs[r].input_ids[: seqs[r].n_prompt]), len(group)) for r in rows]
-    width = [len(prompt) for prompt in group]
+    members: list[list] = [[] for _ in group]
     for r, g in zip(rows, of):
-        width[g] += len(seqs[r].input_ids) - seqs[r].n_prompt
+        members[g].append(seqs[r])
+    width = [packed_width(m) for m in members]
     return [r for _, _, _, r in sorted((-width[g], g, -len(seqs[r].input_ids), r) for r, g in zip(rows, of))]
 
 
