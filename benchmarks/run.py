@@ -54,6 +54,11 @@ LEVERS = [
      "frozen base weights stored in bf16 under bf16 autocast (LoRA, checkpointed; memory)"),
     ("ulma-dpo-lora", "ulma-dpo-lora-unshared", "shared prompts: a pair's prompt run once (DPO, LoRA)"),
     ("forward-ulma", "forward-ulma-unshared", "shared prompts: rows of one prompt run it once (forward-only)"),
+    # train.compile is off by default: here "on" is the run with it
+    ("ulma-ulma-lora-compiled", "ulma-ulma-lora", "torch.compile of each decoder layer (LoRA)"),
+    ("ulma-ulma-full-compiled", "ulma-ulma-full", "torch.compile of each decoder layer (full fine-tuning)"),
+    ("ulma-dpo-full-compiled", "ulma-dpo-full", "torch.compile of each decoder layer (DPO, full fine-tuning)"),
+    ("ulma-ulma-full-mb64-compiled", "ulma-ulma-full-mb64", "torch.compile of each decoder layer (full, 64 rows a step)"),
     ("forward-ulma", "forward-plain", "forward-only: length-sorted batches, output layer only at response tokens, "
                                       "chunked float32 logsumexp (vs plain loop)"),
 ]
@@ -173,7 +178,8 @@ def collect(runs: list[dict], warmup: int) -> dict:
 # Workloads whose timed steps exclude a reference pass done once before training.
 PRECOMPUTED = {"ulma-ulma-lora", "ulma-ulma-full", "ulma-dpo-lora", "ulma-dpo-full", "ulma-ulma-lora-ungrouped",
                "ulma-ulma-lora-checkpointed", "ulma-ulma-lora-unfused", "ulma-ulma-full-unfused",
-               "ulma-ulma-full-foreach-adamw", "trl-dpo-full"}
+               "ulma-ulma-full-foreach-adamw", "trl-dpo-full", "ulma-ulma-lora-compiled", "ulma-ulma-full-compiled",
+               "ulma-dpo-full-compiled", "ulma-ulma-full-mb64", "ulma-ulma-full-mb64-compiled"}
 
 
 def one_epoch(results: dict, name: str) -> float:
@@ -226,8 +232,23 @@ def lever_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def mfu_table(results: dict, peak: dict) -> str:
+    """Model-FLOPs utilisation of every full fine-tuning run of ulma: 6 x parameters x
+    non-padding tokens a second, against the matrix-product peak measured in the run.
+    With shared prompts (DPO) a prompt token runs once but counts for each of its rows,
+    so that figure is an effective rate, above what the GPU computed."""
+    lines = ["| ulma full fine-tuning run | tokens/step | s/step | tokens/s | MFU (bf16 peak) | MFU (fp32 peak) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name.startswith("ulma-") and "-full" in name and r.get("params"):
+            flops = 6 * r["params"] * r["tokens_per_s"]
+            lines.append(f"| {name} | {sum(r['tokens']) / len(r['tokens']):.0f} | {r['s_per_step']:.3f} | "
+                         f"{r['tokens_per_s']:.0f} | {flops / peak['bf16']:.1%} | {flops / peak['fp32']:.1%} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def tables(results: dict, peak: dict) -> str:
-    return table(results, peak) + "\n\n" + lever_table(results)
+    return "\n\n".join(t for t in (table(results, peak), lever_table(results), mfu_table(results, peak)) if t)
 
 
 def save(report: dict, out: Path, final: bool) -> None:
@@ -274,9 +295,16 @@ def main(argv=None) -> int:
     os.environ["BENCH_BF16"] = "1" if precision(args.precision) == "bf16" else "0"
     os.environ["BENCH_MODEL"] = args.model
     pairs = [x[:2] for x in PAIRS if not args.only or x[0] in args.only]
+    if args.only:  # in the order asked for: what matters most first, in case a run is cut short
+        pairs.sort(key=lambda pr: args.only.index(pr[0]))
     if not args.no_levers:
-        pairs += [(off,) for on, off, _ in LEVERS if off not in {n for pr in pairs for n in pr}
-                  and (args.levers is None or off in args.levers)]
+        for lever in LEVERS:  # the side of a lever not run already: usually "off", for compile "on"
+            for name in lever[:2]:
+                if name not in {n for pr in pairs for n in pr} and (args.levers is None or name in args.levers):
+                    pairs.append((name,))
+        if args.levers:
+            pairs[len(pairs) - sum(len(p) == 1 for p in pairs):] = sorted(
+                (p for p in pairs if len(p) == 1), key=lambda p: args.levers.index(p[0]))
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
               "settings": {"micro_batch": 8, "max_length": 256, "lr": 1e-5, **{k: str(v) if isinstance(v, Path) else v
                                                                               for k, v in vars(args).items()},

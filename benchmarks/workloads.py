@@ -289,6 +289,14 @@ WORKLOADS = {
     "ulma-ulma-lora-live-reference": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
                                                         model={"name_or_path": MODEL,
                                                                "lora": {"enabled": True}, "reference": "live"}),
+    # torch.compile of each decoder layer (train.compile, off by default): a lever switched on
+    "ulma-ulma-lora-compiled": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work, train={"compile": True}),
+    "ulma-ulma-full-compiled": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work, train={"compile": True}),
+    "ulma-dpo-full-compiled": lambda a: run_ulma("dpo", False, a.data, a.steps, a.work, train={"compile": True}),
+    # model-FLOPs utilisation at a batch that fills a GPU (8 rows of ~150 tokens do not)
+    "ulma-ulma-full-mb64": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work, train={"micro_batch_size": 64}),
+    "ulma-ulma-full-mb64-compiled": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
+                                                       train={"micro_batch_size": 64, "compile": True}),
     "ulma-dpo-lora": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work),
     "ulma-dpo-full": lambda a: run_ulma("dpo", False, a.data, a.steps, a.work),
     "ulma-dpo-lora-unshared": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work, train={"share_prompts": False}),

@@ -96,6 +96,9 @@ class TrainConfig:
     share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py)
     bf16_frozen_weights: bool = True  # under bf16 autocast, frozen Linear weights (LoRA's base, a live reference) kept in bf16
     fused_optimizer: bool = True  # torch's fused AdamW (one kernel for all parameters); not under FSDP/DeepSpeed
+    compile: bool = False  # torch.compile each decoder layer (models.compile_layers): fewer kernel launches
+    compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation, for debugging)
+    compile_mode: Optional[str] = None  # torch.compile's mode: null (default), "reduce-overhead" (CUDA graphs), "max-autotune"
     progress: bool = True
     log_every: int = 1
 

@@ -240,8 +240,7 @@ def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool, pack: 
         inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids")}
         at, targets = (p["src_row"], p["src_pos"]), p["targets"]
     with autocast(device, bf16):
-        out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)  # own logits: 1 position
-        hidden = out.hidden_states[-1]  # [rows, width, H], after the final norm
+        hidden = final_hidden_states(model, inputs)  # [rows, width, H], after the final norm
         values = LinearTokenLogps.apply(hidden[at], head.weight, targets, FUSED_CHUNK)
     mask = scored.to(device)
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)
@@ -249,6 +248,41 @@ def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool, pack: 
     if need_tokens:
         result["tokens"], result["mask"] = logps, mask
     return result
+
+
+def final_hidden_states(model, inputs: dict) -> torch.Tensor:
+    """The decoder's last hidden states [rows, width, H] (after the final norm) for ``inputs``,
+    from a call of the whole ``model`` (through any DDP / DeepSpeed wrapper, whose forward
+    must run) that computes its own logits at one position only.
+
+    They are taken by a forward hook on the decoder module (``get_decoder()``), not with
+    ``output_hidden_states=True``: that installs Hugging Face's output-capturing hooks on
+    every layer, which read a ContextVar that ``torch.compile`` cannot trace, so a compiled
+    layer (``train.compile``) would break into pieces at each of them."""
+    decoder = _decoder(model)
+    if decoder is None:
+        return model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    seen = []
+    handle = decoder.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    out = seen[-1]
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _decoder(model):
+    """The module under ``model``'s output layer that returns the last hidden states (a
+    Hugging Face causal LM's ``get_decoder()``: LlamaModel under LlamaForCausalLM, also
+    through PEFT), or None where there is no such module apart from the model itself."""
+    inner = getattr(model, "module", model)
+    get = getattr(inner, "get_decoder", None)
+    decoder = get() if get else None
+    top = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # under PEFT's wrapper
+    if not isinstance(decoder, torch.nn.Module) or decoder is top or decoder is inner:
+        return None
+    return decoder
 
 
 def _config(model):

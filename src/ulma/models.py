@@ -139,6 +139,34 @@ def store_frozen_linears(model, dtype: torch.dtype) -> int:
     return n
 
 
+def compile_layers(model, backend: str = "inductor", mode: str | None = None) -> int:
+    """``torch.compile`` each decoder layer of ``model`` in place (``nn.Module.compile``: the
+    parameters and their names stay as they are, so checkpoints and the optimizer see no
+    wrapper); returns how many were compiled.
+
+    Layers, not the whole model: a model's layers are one class, so one graph serves all of
+    them (compile time of one layer, not of the model), and the code outside them (the
+    attention-mask construction, the fused output layer) stays eager.  The layers are the
+    classes the model names in ``_no_split_modules`` (Hugging Face's "never split this
+    block" list: its repeated decoder layer).  ``dynamic=True``: batches of every width and
+    row count share one graph (length grouping makes each batch's width different).
+    What it buys: fewer kernel launches (norms, rotary, activation and residual fused),
+    which is what bounds a small batch on a GPU.
+    """
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    n = 0
+    for m in model.modules():
+        if type(m).__name__ in names:
+            m.compile(dynamic=True, backend=backend, mode=mode)
+            n += 1
+    if not n:
+        raise ValueError(f"train.compile: found no decoder layer to compile in {type(model).__name__} "
+                         "(its _no_split_modules names none of its modules)")
+    return n
+
+
 def _release_checkpoint_mapping(model, skip: set[int]) -> None:
     """Give CPU parameters and buffers memory of their own (but those in ``skip``: just cast,
     they have it).  Weights loaded on the CPU are views of the memory-mapped checkpoint

@@ -109,6 +109,12 @@ def make_accelerator():
     return acc
 
 
+def _input_requires_grad(module, args, out: torch.Tensor) -> None:
+    """Forward hook: the output needs a gradient wherever autograd records (see Trainer._compile)."""
+    if torch.is_grad_enabled():
+        out.requires_grad_(True)
+
+
 class Trainer:
     """Holds the pieces of one run; :meth:`run` is the loop."""
 
@@ -133,6 +139,7 @@ class Trainer:
         keep_copy = cfg.model.reference == "live" and self.method.needs_reference
         self.reference = Reference(self.model, keep_copy=keep_copy)
         self._store_frozen_in_bf16()
+        self._compile()
         if self.reference.copy is not None and self.fsdp:
             self._broadcast(self.reference.copy)
         if self.resume_from is not None:
@@ -157,6 +164,27 @@ class Trainer:
         for net in (self.model, self.reference.copy):
             if net is not None:
                 store_frozen_linears(net, torch.bfloat16)
+
+    def _compile(self) -> None:
+        """``train.compile``: each decoder layer of the policy (and of a live reference copy)
+        through ``torch.compile`` (:func:`ulma.models.compile_layers`).  Compilation happens
+        at the first batch of each kind (training with gradients, reference/evaluation without)."""
+        from ulma.models import compile_layers
+
+        if not self.cfg.train.compile:
+            return
+        if self.fsdp or self.deepspeed:
+            raise ValueError("train.compile: not supported under FSDP or DeepSpeed in ulma (set it to false)")
+        embedding = self.model.get_input_embeddings()
+        if any(not p.requires_grad for p in embedding.parameters()):
+            # LoRA: the embedding is frozen, so the first layer's input would need no gradient
+            # and the later layers' would: two graphs of one layer.  One, with a gradient (but
+            # not under no_grad, where no layer's input has one; Hugging Face's
+            # enable_input_require_grads sets it there too).
+            embedding.register_forward_hook(_input_requires_grad)
+        for net in (self.model, self.reference.copy):
+            if net is not None:
+                compile_layers(net, self.cfg.train.compile_backend, self.cfg.train.compile_mode)
 
     @property
     def fsdp(self) -> bool:
