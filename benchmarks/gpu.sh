@@ -5,7 +5,7 @@
 #   there: OUT=results-dir bash benchmarks/gpu.sh
 # A 1.17B-parameter model with SmolLM2's vocabulary and random weights is built there
 # (benchmarks/random_model.py): no 0.5-1.5B checkpoint can be had offline.
-# Knobs for a dry run on a CPU: PY, SHAPE=tiny, SKIP_INSTALL=1, STEPS, WARMUP.
+# Knobs for a dry run on a CPU: PY, SHAPE=tiny, SKIP_INSTALL=1, STEPS, WARMUP; TIMEOUT (s per workload).
 # ONLY and LEVERS (space-separated workload names) run a part: LEVERS=" " runs no lever.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -27,6 +27,6 @@ $PY benchmarks/random_model.py .gpu/tokenizer "$MODEL" --shape "${SHAPE:-1b}" ||
 echo "model built in $(( $(date +%s) - t0 )) s"
 # The pairs in order of what matters most, each process capped, a failure reported and skipped.
 $PY benchmarks/run.py --model "$MODEL" --data .gpu/data --rounds 1 --steps "${STEPS:-10}" --warmup "${WARMUP:-3}" \
-  --keep-going --timeout 150 --out "$OUT" --rows 256 --prompts 32 --new-tokens 64 \
+  --keep-going --timeout "${TIMEOUT:-150}" --out "$OUT" --rows 256 --prompts 32 --new-tokens 64 \
   --only ${ONLY:-ulma-ulma-lora ulma-ulma-full ulma-dpo-lora ulma-dpo-full ulma-ulma-lora-checkpointed forward-ulma generate-ulma} \
   --levers ${LEVERS:-ulma-ulma-lora-checkpointed-fp32-frozen ulma-ulma-full-unfused} 2>&1 | tee "$OUT/log.txt"
