@@ -39,6 +39,7 @@ PAIRS = [
     # the same setting on both sides, for memory and speed like for like.
     ("ulma-ulma-lora-checkpointed", "trl-kto-lora", "ULMA vs TRL KTOTrainer, LoRA r=8, both with gradient checkpointing"),
     ("forward-ulma", "forward-plain", "reference log-probs vs plain model(**batch) + fp32 log_softmax"),
+    ("forward-ulma", "forward-plain-mb32", "reference log-probs vs the plain loop at ulma's forward batch (32 rows)"),
     ("generate-ulma", "generate-plain", "greedy generation, batched vs model.generate per prompt"),
 ]
 
@@ -54,6 +55,8 @@ LEVERS = [
      "frozen base weights stored in bf16 under bf16 autocast (LoRA, checkpointed; memory)"),
     ("ulma-dpo-lora", "ulma-dpo-lora-unshared", "shared prompts: a pair's prompt run once (DPO, LoRA)"),
     ("forward-ulma", "forward-ulma-unshared", "shared prompts: rows of one prompt run it once (forward-only)"),
+    ("forward-ulma", "forward-ulma-mb8", "forward-only batches of 4 x the micro-batch (32 rows, vs 8)"),
+    ("forward-ulma-compiled", "forward-ulma", "torch.compile of each decoder layer (forward-only)"),
     # train.compile is off by default: here "on" is the run with it
     ("ulma-ulma-lora-compiled", "ulma-ulma-lora", "torch.compile of each decoder layer (LoRA)"),
     ("ulma-ulma-full-compiled", "ulma-ulma-full", "torch.compile of each decoder layer (full fine-tuning)"),
@@ -171,6 +174,7 @@ def collect(runs: list[dict], warmup: int) -> dict:
     return {"s_per_step": statistics.median(secs), "tokens_per_s": sum(toks) / sum(secs), "steps": len(secs),
             "seconds": secs, "tokens": toks, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             **({"peak_gpu_mb": max(r["peak_gpu_mb"] for r in runs)} if "peak_gpu_mb" in runs[0] else {}),
+            **({k: max(r[k] for r in runs) for k in ("setup_peak_gpu_mb", "steps_peak_gpu_mb") if k in runs[0]}),
             "params": runs[0].get("params"), "trainable": runs[0].get("trainable"),
             "setup_seconds": runs[0].get("setup_seconds")}
 

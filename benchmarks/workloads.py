@@ -90,6 +90,10 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
     precompute = time.perf_counter() - t0
     units = trainer.data.train
     trainer.model.train()
+    setup_peak = {}
+    if DEVICE.type == "cuda":  # the steps' own peak, beside the whole process's (loading included)
+        setup_peak = {"setup_peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+        torch.cuda.reset_peak_memory_stats()
     seconds, tokens = [], []
     for step in range(steps):
         micro = trainer.plan[step]  # grad_accum = 1: one micro-batch per step
@@ -99,8 +103,9 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
         sync()
         seconds.append(time.perf_counter() - t0)
         tokens.append(sum(len(units.table.sequences[r].input_ids) for i in micro for r in units.rows[i]))
+    steps_peak = {"steps_peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if DEVICE.type == "cuda" else {}
     return {"seconds": seconds, "tokens": tokens, "setup_seconds": {"reference_precompute": precompute},
-            **param_counts(trainer.model)}
+            **setup_peak, **steps_peak, **param_counts(trainer.model)}
 
 
 # ---------------------------------------------------------------------- TRL
@@ -175,39 +180,53 @@ def _forward_rows(data: Path, n: int):
     return tokenizer, table
 
 
-def run_forward(impl: str, data: Path, n: int) -> dict:
+def run_forward(impl: str, data: Path, n: int, batch: int | None = None, compile: bool = False) -> dict:
     """Reference log-probs of n rows: ulma's table_logps vs a plain loop.
 
-    The plain loop is what one writes first: rows in file order in batches of 8,
-    ``model(**batch)`` over every position, a float32 log-softmax over the vocabulary,
-    gather; no_grad in both."""
+    ulma runs as its Trainer does: batches of ``train.forward_rows()`` rows (4 x the
+    micro-batch by default), or ``batch``.  The plain loop is what one writes first: rows
+    in file order in batches of ``batch`` (default the micro-batch, 8), ``model(**batch)``
+    over every position, a float32 log-softmax over the vocabulary, gather; no_grad in both.
+    On a GPU the pass runs twice and the second is timed (the first loads kernels, and
+    compiles them with ``compile``)."""
     from transformers import AutoModelForCausalLM
 
+    from ulma.config import TrainConfig
     from ulma.data.tokenize import pad_rows
     from ulma.evaluation.metrics import table_logps
+    from ulma.models import compile_layers
 
     tokenizer, table = _forward_rows(data, n)
     model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32).to(DEVICE).eval()
+    if compile:
+        compile_layers(model)
     tokens = sum(len(s.input_ids) for s in table.sequences)
-    sync()
-    t0 = time.perf_counter()
-    if impl.startswith("ulma"):
-        out = table_logps(model, table, tokenizer.pad_token_id, MICRO, bf16=BF16, progress=False,
-                          share_prompts=impl == "ulma")["sum"]
-    else:
-        sums = []
+
+    def ulma_pass():
+        size = batch or TrainConfig(micro_batch_size=MICRO).forward_rows()
+        return table_logps(model, table, tokenizer.pad_token_id, size, bf16=BF16, progress=False,
+                           share_prompts=impl == "ulma")["sum"]
+
+    def plain_pass():
+        sums, size = [], batch or MICRO
         cast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16)
         with torch.no_grad(), cast:
-            for s in range(0, len(table), MICRO):
-                b = {k: v.to(DEVICE) for k, v in pad_rows(table, list(range(s, min(s + MICRO, len(table)))),
+            for s in range(0, len(table), size):
+                b = {k: v.to(DEVICE) for k, v in pad_rows(table, list(range(s, min(s + size, len(table)))),
                                                           tokenizer.pad_token_id).items()}
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                 logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]
                 picked = logp.gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
                 sums.append((picked * b["loss_mask"][:, 1:]).sum(-1))
-        out = torch.cat(sums)
-    sync()
-    secs = time.perf_counter() - t0
+        return torch.cat(sums)
+
+    one_pass = ulma_pass if impl.startswith("ulma") else plain_pass
+    for _ in range(2 if DEVICE.type == "cuda" else 1):
+        sync()
+        t0 = time.perf_counter()
+        out = one_pass()
+        sync()
+        secs = time.perf_counter() - t0
     return {"seconds": [secs], "tokens": [tokens], "checksum": float(out.double().sum())}
 
 
@@ -307,6 +326,9 @@ WORKLOADS = {
     "forward-ulma": lambda a: run_forward("ulma", a.data, a.rows),
     "forward-plain": lambda a: run_forward("plain", a.data, a.rows),
     "forward-ulma-unshared": lambda a: run_forward("ulma-unshared", a.data, a.rows),
+    "forward-ulma-mb8": lambda a: run_forward("ulma", a.data, a.rows, batch=MICRO),
+    "forward-ulma-compiled": lambda a: run_forward("ulma", a.data, a.rows, compile=True),
+    "forward-plain-mb32": lambda a: run_forward("plain", a.data, a.rows, batch=4 * MICRO),
     "generate-ulma": lambda a: run_generate("ulma", a.data, a.prompts, a.new_tokens),
     "generate-plain": lambda a: run_generate("plain", a.data, a.prompts, a.new_tokens),
     "matmul-peak": lambda a: run_matmul_peak(),
@@ -326,7 +348,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.manual_seed(0)
     result = WORKLOADS[a.name](a)
-    result.update(name=a.name, pid=os.getpid(), **peak_memory_mb())
+    memory = peak_memory_mb()
+    if "setup_peak_gpu_mb" in result:  # the peak counter was reset after the setup
+        memory["peak_gpu_mb"] = max(memory["peak_gpu_mb"], result["setup_peak_gpu_mb"])
+    result.update(name=a.name, pid=os.getpid(), **memory)
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, a.out)

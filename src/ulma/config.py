@@ -96,11 +96,17 @@ class TrainConfig:
     share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py)
     bf16_frozen_weights: bool = True  # under bf16 autocast, frozen Linear weights (LoRA's base, a live reference) kept in bf16
     fused_optimizer: bool = True  # torch's fused AdamW (one kernel for all parameters); not under FSDP/DeepSpeed
+    forward_batch_size: Optional[int] = None  # rows per forward-only batch (reference log-probs, evaluation);
+    # None: 4 x micro_batch_size (no activations are kept for a backward, so more rows fit)
     compile: bool = False  # torch.compile each decoder layer (models.compile_layers): fewer kernel launches
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation, for debugging)
     compile_mode: Optional[str] = None  # torch.compile's mode: null (default), "reduce-overhead" (CUDA graphs), "max-autotune"
     progress: bool = True
     log_every: int = 1
+
+    def forward_rows(self) -> int:
+        """Rows per forward-only batch: ``forward_batch_size`` or 4 x ``micro_batch_size``."""
+        return self.forward_batch_size or 4 * self.micro_batch_size
 
 
 @dataclass
@@ -259,6 +265,7 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     checks = [
         (t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1"),
+        (t.forward_batch_size is None or t.forward_batch_size >= 1, "train.forward_batch_size", "must be >= 1 or null"),
         (t.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
         (t.lr > 0, "train.lr", "must be > 0"),
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),

@@ -82,8 +82,12 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_policy(model_cfg, device: torch.device | None = None):
-    """The trainable policy: float32 master weights, LoRA adapters when enabled."""
+def load_policy(model_cfg, device: torch.device | None = None, frozen_dtype: torch.dtype | None = None):
+    """The trainable policy: float32 master weights, LoRA adapters when enabled.
+
+    ``frozen_dtype``: frozen Linear weights stored in it (:func:`store_frozen_linears`)
+    before the model moves to ``device``, so that the device never holds their float32
+    copies (a 1.17B LoRA run on an H100 peaked at load: 4.5 GB against ~3 GB in training)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -92,6 +96,8 @@ def load_policy(model_cfg, device: torch.device | None = None):
     model.config.use_cache = False
     if model_cfg.lora.enabled:
         model = add_lora(model, model_cfg.lora)
+    if frozen_dtype is not None:
+        store_frozen_linears(model, frozen_dtype)
     if device is not None:
         model.to(device)
     return model

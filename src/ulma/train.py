@@ -131,10 +131,10 @@ class Trainer:
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = prepare(cfg, self.tokenizer, self.method)
-        self.model = load_policy(cfg.model, self.acc.device)
+        self.bf16 = use_bf16(cfg.train.bf16, self.acc.device)
+        self.model = load_policy(cfg.model, self.acc.device, torch.bfloat16 if self._frozen_in_bf16 else None)
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and no_sync
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.bf16 = use_bf16(cfg.train.bf16, self.acc.device)
         ckpt.check_space(self.out, self.model, self.tokenizer, cfg.train.keep_checkpoints)
         keep_copy = cfg.model.reference == "live" and self.method.needs_reference
         self.reference = Reference(self.model, keep_copy=keep_copy)
@@ -159,11 +159,15 @@ class Trainer:
         DeepSpeed, which keep their own flat parameter buffers of one dtype."""
         from ulma.models import store_frozen_linears
 
-        if not (self.bf16 and self.cfg.train.bf16_frozen_weights) or self.fsdp or self.deepspeed:
+        if not self._frozen_in_bf16:
             return
-        for net in (self.model, self.reference.copy):
+        for net in (self.model, self.reference.copy):  # the policy's were cast when it was loaded
             if net is not None:
                 store_frozen_linears(net, torch.bfloat16)
+
+    @property
+    def _frozen_in_bf16(self) -> bool:
+        return self.bf16 and self.cfg.train.bf16_frozen_weights and not (self.fsdp or self.deepspeed)
 
     def _compile(self) -> None:
         """``train.compile``: each decoder layer of the policy (and of a live reference copy)
@@ -420,7 +424,7 @@ class Trainer:
         then summed over processes: evaluation work is done once, not once per process."""
         rank, world = self.acc.process_index, self.acc.num_processes
         show = self.cfg.train.progress and self.acc.is_main_process
-        size = self.cfg.train.micro_batch_size
+        size = self.cfg.train.forward_rows()
         out = table_logps(net, table, self.pad_id, size, self.bf16, rows=list(range(rank, len(table), world)),
                           desc=desc, progress=show, min_batches=math.ceil(math.ceil(len(table) / world) / size),
                           fused=self.cfg.train.fused_logps, share_prompts=self.cfg.train.share_prompts)
