@@ -39,7 +39,7 @@ PAIRS = [
     # the same setting on both sides, for memory and speed like for like.
     ("ulma-ulma-lora-checkpointed", "trl-kto-lora", "ULMA vs TRL KTOTrainer, LoRA r=8, both with gradient checkpointing"),
     ("forward-ulma", "forward-plain", "reference log-probs vs plain model(**batch) + fp32 log_softmax"),
-    ("forward-ulma", "forward-plain-mb32", "reference log-probs vs the plain loop at ulma's forward batch (32 rows)"),
+    ("forward-ulma-mb32", "forward-plain-mb32", "reference log-probs vs the plain loop, both in batches of 32 rows"),
     ("generate-ulma", "generate-plain", "greedy generation, batched vs model.generate per prompt"),
 ]
 
@@ -55,7 +55,7 @@ LEVERS = [
      "frozen base weights stored in bf16 under bf16 autocast (LoRA, checkpointed; memory)"),
     ("ulma-dpo-lora", "ulma-dpo-lora-unshared", "shared prompts: a pair's prompt run once (DPO, LoRA)"),
     ("forward-ulma", "forward-ulma-unshared", "shared prompts: rows of one prompt run it once (forward-only)"),
-    ("forward-ulma", "forward-ulma-mb8", "forward-only batches of 4 x the micro-batch (32 rows, vs 8)"),
+    ("forward-ulma-mb32", "forward-ulma", "forward-only batches of 32 rows (train.forward_batch_size) vs the micro-batch (8)"),
     ("forward-ulma-compiled", "forward-ulma", "torch.compile of each decoder layer (forward-only)"),
     # train.compile is off by default: here "on" is the run with it
     ("ulma-ulma-lora-compiled", "ulma-ulma-lora", "torch.compile of each decoder layer (LoRA)"),

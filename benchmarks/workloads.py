@@ -183,7 +183,7 @@ def _forward_rows(data: Path, n: int):
 def run_forward(impl: str, data: Path, n: int, batch: int | None = None, compile: bool = False) -> dict:
     """Reference log-probs of n rows: ulma's table_logps vs a plain loop.
 
-    ulma runs as its Trainer does: batches of ``train.forward_rows()`` rows (4 x the
+    ulma runs as its Trainer does: batches of ``train.forward_rows()`` rows (the
     micro-batch by default), or ``batch``.  The plain loop is what one writes first: rows
     in file order in batches of ``batch`` (default the micro-batch, 8), ``model(**batch)``
     over every position, a float32 log-softmax over the vocabulary, gather; no_grad in both.
@@ -326,7 +326,7 @@ WORKLOADS = {
     "forward-ulma": lambda a: run_forward("ulma", a.data, a.rows),
     "forward-plain": lambda a: run_forward("plain", a.data, a.rows),
     "forward-ulma-unshared": lambda a: run_forward("ulma-unshared", a.data, a.rows),
-    "forward-ulma-mb8": lambda a: run_forward("ulma", a.data, a.rows, batch=MICRO),
+    "forward-ulma-mb32": lambda a: run_forward("ulma", a.data, a.rows, batch=4 * MICRO),
     "forward-ulma-compiled": lambda a: run_forward("ulma", a.data, a.rows, compile=True),
     "forward-plain-mb32": lambda a: run_forward("plain", a.data, a.rows, batch=4 * MICRO),
     "generate-ulma": lambda a: run_generate("ulma", a.data, a.prompts, a.new_tokens),

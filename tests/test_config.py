@@ -37,6 +37,10 @@ def test_bad_values_are_named():
         validate(load_config(None, ["method.name=ulmaa"]))
     with pytest.raises(ConfigError, match="method.beta: must be > 0"):
         validate(load_config(None, ["method.beta=0"]))
+    with pytest.raises(ConfigError, match="train.forward_batch_size: must be >= 1 or null"):
+        validate(load_config(None, ["train.forward_batch_size=0"]))
+    assert load_config(None, []).train.forward_rows() == 8  # the micro-batch
+    assert load_config(None, ["train.forward_batch_size=32"]).train.forward_rows() == 32
     assert load_config(None, ["train.bf16=auto"]).train.bf16 == "auto"
     with pytest.raises(ConfigError, match="train.bf16"):
         load_config(None, ["train.bf16=maybe"])

@@ -220,3 +220,23 @@ def test_forward_passes_skip_cudnn_attention():
         assert flags() == before
     with autocast(torch.device("cpu"), True):
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_final_hidden_states_by_a_hook_equal_the_models_own(tiny_model_dir, tokenizer):
+    """The decoder's output taken by a forward hook is the model's last hidden state (after
+    the final norm), bit for bit, through PEFT's wrapper too, and installs none of Hugging
+    Face's output-capturing hooks (which a compiled layer cannot trace)."""
+    from ulma.logprobs import _decoder, final_hidden_states
+
+    batch = _batch(tokenizer)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    for lora in (True, False):
+        model = _tiny_policy(tiny_model_dir, lora)
+        assert type(_decoder(model)).__name__ == "LlamaModel"
+        with torch.no_grad():
+            hooked = final_hidden_states(model, inputs)
+            base = model.get_base_model() if lora else model
+            assert not getattr(base, "_output_capturing_hooks_installed", False)
+            own = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        assert hooked.shape == (3, batch["input_ids"].shape[1], 32) and torch.equal(hooked, own)
+        assert not _decoder(model)._forward_hooks  # the hook was removed

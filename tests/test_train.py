@@ -268,3 +268,17 @@ def test_frozen_weights_in_bf16_change_no_result(tiny_model_dir, pointwise_file,
     assert lf_on == lf_off
     assert all(p.dtype == torch.float32 for p in f_on.model.parameters())
     assert sum(p.dtype == torch.bfloat16 for p in f_on.reference.copy.parameters()) == 7 * cfg.num_hidden_layers
+
+
+def test_compiled_lora_layers_see_inputs_that_need_a_gradient_only_where_autograd_records():
+    """Under LoRA the embedding is frozen: with train.compile its output is made to need a
+    gradient (every layer's input alike: one graph), but not under no_grad (Hugging Face's
+    enable_input_require_grads sets it there too, and a no_grad pass then needs two graphs)."""
+    from ulma.train import _input_requires_grad
+
+    emb = torch.nn.Embedding(5, 3).requires_grad_(False)
+    emb.register_forward_hook(_input_requires_grad)
+    ids = torch.tensor([[1, 2]])
+    assert emb(ids).requires_grad
+    with torch.no_grad():
+        assert not emb(ids).requires_grad
