@@ -169,3 +169,36 @@ def test_bad_rlhf_settings_are_named():
         load_config("configs/rlhf.yaml", ["ppo.clip=0.1"])
     with pytest.raises(ConfigError, match="ppo.reward_model: method rlhf needs a reward model folder"):
         PPOTrainer(load_config("configs/rlhf.yaml", ["ppo.reward_model=null"]))
+
+
+def test_frozen_weights_in_bf16_change_no_ppo_result(word_policy_dir, prompt_file, tiny_model_dir, tokenizer,  # noqa: F811
+                                                     tmp_path):
+    """train.bf16_frozen_weights under PPO: LoRA's frozen base (and a full fine-tuning
+    reference copy, and the reward model) stored in bf16 give the same rollouts, rewards and
+    update statistics bit for bit -- every forward runs under bf16 autocast, which cast those
+    weights to bf16 for each product anyway."""
+    from transformers import AutoModelForSequenceClassification
+
+    rm_dir = tmp_path / "rm"
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    rm.save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+
+    def run(name, *extra):
+        cfg = ppo_cfg(word_policy_dir, prompt_file, tmp_path / name, "train.bf16=true", "train.max_steps=1",
+                      "ppo.eval_prompts=0", f"ppo.reward_model={rm_dir}", "ppo.reward_max_length=64", *extra)
+        trainer = PPOTrainer(cfg)
+        return trainer, trainer.train_step(0)
+
+    for extra in ((), ("model.lora.enabled=false",)):
+        on, s_on = run("on" + str(len(extra)), *extra)
+        off, s_off = run("off" + str(len(extra)), *extra, "train.bf16_frozen_weights=false")
+        assert s_on == s_off and s_on["reward"] == s_off["reward"]
+        nets = [on.policy, on.reward.model] + ([on.reference.copy] if extra else [])
+        halves = [sum(p.dtype == torch.bfloat16 for p in net.parameters()) for net in nets]
+        # the policy: 7 Linears a layer x 2 layers under LoRA, none in full fine-tuning (all trained);
+        # the reference copy 14; the reward model 14 + its score head
+        assert halves == ([0, 15, 14] if extra else [14, 15])
+        assert all(p.dtype == torch.float32 for net in (off.policy, off.reward.model) for p in net.parameters())

@@ -94,7 +94,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
     fused_logps: bool = True  # output layer only at scored positions, chunked: no [N, T, V] logits (logprobs.py)
     share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py)
-    bf16_frozen_weights: bool = True  # under bf16 autocast, frozen Linear weights (LoRA's base, a live reference) kept in bf16
+    bf16_frozen_weights: bool = True  # under bf16 autocast, frozen Linear weights (LoRA's base, a reference copy, PPO's reward model) kept in bf16
     fused_optimizer: bool = True  # torch's fused AdamW (one kernel for all parameters); not under FSDP/DeepSpeed
     forward_batch_size: Optional[int] = None  # rows per forward-only batch (reference log-probs, evaluation);
     # None: micro_batch_size.  More rows fit (no activations are kept for a backward); on this CPU they

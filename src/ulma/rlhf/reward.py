@@ -30,7 +30,7 @@ from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate, pad_row
 from ulma.evaluation.metrics import label_accuracy, reward_accuracy
 from ulma.logprobs import autocast, use_bf16
 from ulma.methods import Method
-from ulma.models import add_lora, is_peft, load_tokenizer, resolve_model_path, trainable_parameters
+from ulma.models import add_lora, is_peft, load_tokenizer, resolve_model_path, store_frozen_linears, trainable_parameters
 from ulma.rlhf import losses as RL
 from ulma.rlhf.metrics import calibration, pearson, spearman
 from ulma.rlhf.run import MetricsLog, make_optimizer, non_finite, pick_device, set_seed
@@ -186,18 +186,23 @@ class RewardScorer:
     The text is rendered with the reward model's OWN tokenizer and chat template (prompt
     cut from the left to ``max_length`` and counted in ``prompts_truncated``), so the
     policy's tokenizer may differ.  A prompt is a string (one user turn) or chat turns.
+    With ``bf16`` (autocast) and ``bf16_weights`` its Linear weights are stored in bf16:
+    the same products at half the memory (it is frozen).
     """
 
     def __init__(self, folder: str | Path, device: torch.device | None = None, max_length: int = 512,
-                 batch_size: int = 8, bf16: bool = False):
+                 batch_size: int = 8, bf16: bool = False, bf16_weights: bool = True):
         from transformers import AutoModelForSequenceClassification
 
         folder = Path(folder)
         check_reward_folder(folder)
         self.device = device or pick_device()
         self.tokenizer = load_tokenizer(str(folder))
-        self.model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).to(self.device).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
         self.model.requires_grad_(False)
+        if bf16 and bf16_weights:  # every forward runs under bf16 autocast: the same products from bf16 weights
+            store_frozen_linears(self.model, torch.bfloat16)
+        self.model.to(self.device)
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {folder}: num_labels={self.model.config.num_labels}, expected 1 (a scalar)")
         if self.model.config.pad_token_id is None:
@@ -248,6 +253,8 @@ class RewardTrainer:
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.pad_id = self.tokenizer.pad_token_id
         self._prepare_data()
+        # Not train.bf16_frozen_weights: the trained model is saved with LoRA merged into the
+        # base, and a base stored in bf16 would round the merged weights (the adapter's delta too).
         self.model = load_reward_model(cfg.model, self.tokenizer, self.device)
         self.bf16 = use_bf16(cfg.train.bf16, self.device)
         self.total_steps = self._total_steps()
