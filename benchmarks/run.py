@@ -301,14 +301,11 @@ def main(argv=None) -> int:
     pairs = [x[:2] for x in PAIRS if not args.only or x[0] in args.only]
     if args.only:  # in the order asked for: what matters most first, in case a run is cut short
         pairs.sort(key=lambda pr: args.only.index(pr[0]))
-    if not args.no_levers:
-        for lever in LEVERS:  # the side of a lever not run already: usually "off", for compile "on"
-            for name in lever[:2]:
-                if name not in {n for pr in pairs for n in pr} and (args.levers is None or name in args.levers):
-                    pairs.append((name,))
-        if args.levers:
-            pairs[len(pairs) - sum(len(p) == 1 for p in pairs):] = sorted(
-                (p for p in pairs if len(p) == 1), key=lambda p: args.levers.index(p[0]))
+    if not args.no_levers:  # the side of a lever not run already: usually "off", for compile "on"
+        ran = {n for pr in pairs for n in pr}
+        extra = list(dict.fromkeys(n for lever in LEVERS for n in lever[:2] if n not in ran
+                                   and (args.levers is None or n in args.levers)))
+        pairs += [(n,) for n in (sorted(extra, key=args.levers.index) if args.levers else extra)]
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
               "settings": {"micro_batch": 8, "max_length": 256, "lr": 1e-5, **{k: str(v) if isinstance(v, Path) else v
                                                                               for k, v in vars(args).items()},

@@ -96,10 +96,11 @@ def load_policy(model_cfg, device: torch.device | None = None, frozen_dtype: tor
     model.config.use_cache = False
     if model_cfg.lora.enabled:
         model = add_lora(model, model_cfg.lora)
-    if frozen_dtype is not None:
-        store_frozen_linears(model, frozen_dtype)
+    cast = store_frozen_linears(model, frozen_dtype) if frozen_dtype is not None else 0
     if device is not None:
         model.to(device)
+    if cast:
+        release_checkpoint_mapping(model, frozen_dtype)
     return model
 
 
@@ -129,7 +130,6 @@ def store_frozen_linears(model, dtype: torch.dtype) -> int:
     not autocast), and everything that is not a Linear (norms, embeddings).
     """
     shared = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    cast: set[int] = set()  # ids of the cast parameters (.to() keeps the Parameter objects)
     n = 0
     for m in model.modules():
         if type(m) is not torch.nn.Linear or m.weight.data_ptr() in shared:
@@ -138,10 +138,7 @@ def store_frozen_linears(model, dtype: torch.dtype) -> int:
         if any(p.requires_grad for p in params) or all(p.dtype == dtype for p in params):
             continue
         m.to(dtype)
-        cast.update(id(p) for p in params)
         n += 1
-    if n:
-        _release_checkpoint_mapping(model, skip=cast)
     return n
 
 
@@ -173,16 +170,17 @@ def compile_layers(model, backend: str = "inductor", mode: str | None = None) ->
     return n
 
 
-def _release_checkpoint_mapping(model, skip: set[int]) -> None:
-    """Give CPU parameters and buffers memory of their own (but those in ``skip``: just cast,
-    they have it).  Weights loaded on the CPU are views of the memory-mapped checkpoint
-    file, and the mapping lives while any of them does: after frozen Linears are cast, the
-    untouched embedding would keep the whole float32 file resident beside the bf16 copies
-    (measured on SmolLM2-135M: +200 MB resident instead of -220 MB).  On a GPU the weights
-    were copied off the file already."""
+def release_checkpoint_mapping(model, cast_dtype: torch.dtype) -> None:
+    """After :func:`store_frozen_linears` on a model loaded (in float32) from a file: give
+    its CPU parameters and buffers memory of their own, but those in ``cast_dtype`` (just
+    cast, they have it).  Weights loaded on the CPU are views of the memory-mapped
+    checkpoint file, and the mapping lives while any of them does: after frozen Linears
+    are cast, the untouched embedding would keep the whole float32 file resident beside
+    the bf16 copies (measured on SmolLM2-135M: +200 MB resident instead of -220 MB).
+    Nothing to do for tensors moved to a GPU (copied off the file) or deep-copied."""
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
-            if t.device.type == "cpu" and id(t) not in skip:
+            if t.device.type == "cpu" and t.dtype != cast_dtype:
                 t.data = t.data.clone()
 
 
@@ -191,13 +189,17 @@ def is_peft(model) -> bool:
 
 
 class Reference:
-    """pi_ref: the policy with adapters disabled (LoRA) or a frozen copy (full fine-tuning)."""
+    """pi_ref: the policy with adapters disabled (LoRA) or a frozen copy (full fine-tuning);
+    ``frozen_dtype``: the copy's Linear weights stored in it (:func:`store_frozen_linears`,
+    for a copy that only runs under autocast to that dtype)."""
 
-    def __init__(self, policy, keep_copy: bool):
+    def __init__(self, policy, keep_copy: bool, frozen_dtype: torch.dtype | None = None):
         self.policy = policy
         self.copy = None
         if not is_peft(policy) and keep_copy:
             self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
+            if frozen_dtype is not None:
+                store_frozen_linears(self.copy, frozen_dtype)
 
     @contextmanager
     def model(self):

@@ -132,13 +132,18 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = prepare(cfg, self.tokenizer, self.method)
         self.bf16 = use_bf16(cfg.train.bf16, self.acc.device)
-        self.model = load_policy(cfg.model, self.acc.device, torch.bfloat16 if self._frozen_in_bf16 else None)
+        # train.bf16_frozen_weights: under bf16 autocast, LoRA's frozen base layers and a live
+        # reference copy keep their Linear weights in bf16 (the same products, half their memory:
+        # 2.35 of the 4.7 GB of a 1.17B model's float32 weights).  Not under FSDP or DeepSpeed,
+        # which keep their own flat parameter buffers of one dtype.
+        frozen = self.bf16 and cfg.train.bf16_frozen_weights and not (self.fsdp or self.deepspeed)
+        frozen = torch.bfloat16 if frozen else None
+        self.model = load_policy(cfg.model, self.acc.device, frozen)
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and no_sync
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ckpt.check_space(self.out, self.model, self.tokenizer, cfg.train.keep_checkpoints)
         keep_copy = cfg.model.reference == "live" and self.method.needs_reference
-        self.reference = Reference(self.model, keep_copy=keep_copy)
-        self._store_frozen_in_bf16()
+        self.reference = Reference(self.model, keep_copy=keep_copy, frozen_dtype=frozen)
         self._compile()
         if self.reference.copy is not None and self.fsdp:
             self._broadcast(self.reference.copy)
@@ -151,23 +156,6 @@ class Trainer:
         if self.fsdp:  # FSDP1 wraps the model (FSDP2 shards it in place): pi_ref runs through the wrapper
             self.reference.policy = self.model
         self.plan = self._plan()
-
-    def _store_frozen_in_bf16(self) -> None:
-        """``train.bf16_frozen_weights``: under bf16 autocast, LoRA's frozen base layers and a
-        live reference copy keep their Linear weights in bf16 (the same products, half their
-        memory: 2.35 of the 4.7 GB of a 1.17B model's float32 weights).  Not under FSDP or
-        DeepSpeed, which keep their own flat parameter buffers of one dtype."""
-        from ulma.models import store_frozen_linears
-
-        if not self._frozen_in_bf16:
-            return
-        for net in (self.model, self.reference.copy):  # the policy's were cast when it was loaded
-            if net is not None:
-                store_frozen_linears(net, torch.bfloat16)
-
-    @property
-    def _frozen_in_bf16(self) -> bool:
-        return self.bf16 and self.cfg.train.bf16_frozen_weights and not (self.fsdp or self.deepspeed)
 
     def _compile(self) -> None:
         """``train.compile``: each decoder layer of the policy (and of a live reference copy)

@@ -37,7 +37,7 @@ from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split
 from ulma.data.tokenize import Tokenizer, fit, left_pad
 from ulma.logprobs import autocast, token_logps, use_bf16
-from ulma.models import Reference, is_peft, load_policy, load_tokenizer, store_frozen_linears, trainable_parameters
+from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 from ulma.rlhf import losses as RL
 from ulma.rlhf.run import MetricsLog, make_optimizer, non_finite, pick_device, set_seed
 from ulma.rlhf.value_head import PolicyWithValueHead, ValueHead, load_value_head
@@ -231,9 +231,7 @@ class PPOTrainer:
         frozen = torch.bfloat16 if self.bf16 and cfg.train.bf16_frozen_weights else None
         self.policy = load_policy(cfg.model, self.device, frozen).eval()  # eval: no dropout, ratio 1 on the first epoch
         self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device)
-        self.reference = Reference(self.policy, keep_copy=not is_peft(self.policy))
-        if frozen is not None and self.reference.copy is not None:
-            store_frozen_linears(self.reference.copy, frozen)
+        self.reference = Reference(self.policy, keep_copy=not is_peft(self.policy), frozen_dtype=frozen)
         self.reward = reward if reward is not None else self._reward_model()
         self.total_steps = self._total_steps()
         updates = self.total_steps * p.ppo_epochs * math.ceil(p.rollout_batch / p.mini_batch_size)
