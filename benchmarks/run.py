@@ -176,14 +176,8 @@ def collect(runs: list[dict], warmup: int) -> dict:
             **({"peak_gpu_mb": max(r["peak_gpu_mb"] for r in runs)} if "peak_gpu_mb" in runs[0] else {}),
             **({k: max(r[k] for r in runs) for k in ("setup_peak_gpu_mb", "steps_peak_gpu_mb") if k in runs[0]}),
             "params": runs[0].get("params"), "trainable": runs[0].get("trainable"),
-            "setup_seconds": runs[0].get("setup_seconds")}
-
-
-# Workloads whose timed steps exclude a reference pass done once before training.
-PRECOMPUTED = {"ulma-ulma-lora", "ulma-ulma-full", "ulma-dpo-lora", "ulma-dpo-full", "ulma-ulma-lora-ungrouped",
-               "ulma-ulma-lora-checkpointed", "ulma-ulma-lora-unfused", "ulma-ulma-full-unfused",
-               "ulma-ulma-full-foreach-adamw", "trl-dpo-full", "ulma-ulma-lora-compiled", "ulma-ulma-full-compiled",
-               "ulma-dpo-full-compiled", "ulma-ulma-full-mb64", "ulma-ulma-full-mb64-compiled"}
+            "setup_seconds": runs[0].get("setup_seconds"),
+            "precomputed_reference": runs[0].get("precomputed_reference", False)}
 
 
 def one_epoch(results: dict, name: str) -> float:
@@ -191,7 +185,7 @@ def one_epoch(results: dict, name: str) -> float:
     is scored once more by a forward-only pass (ulma's table_logps; TRL's precompute is a plain
     model(**batch) loop).  Equal to the step rate for runs that do the reference forward in-step."""
     rate = results[name]["tokens_per_s"]
-    if name not in PRECOMPUTED:
+    if not results[name].get("precomputed_reference"):  # the workload says whether its steps exclude the pass
         return rate
     fwd = results.get("forward-plain" if name.startswith("trl") else "forward-ulma")
     return 1 / (1 / rate + 1 / fwd["tokens_per_s"]) if fwd else None  # None: the forward rate was not measured
@@ -213,7 +207,7 @@ def table(results: dict, peak: dict) -> str:
             mfu = f"{flops / peak['fp32']:.1%} / {flops / peak['bf16']:.1%}"
         speed = ra["tokens_per_s"] / rb["tokens_per_s"]
         ea, eb = one_epoch(results, a), one_epoch(results, b)
-        epoch = f"{ea / eb:.2f}x" if a in PRECOMPUTED and ea and eb else "—"
+        epoch = f"{ea / eb:.2f}x" if ra.get("precomputed_reference") and ea and eb else "—"
         lines.append(f"| {what} | {ra['s_per_step']:.2f} | {rb['s_per_step']:.2f} | {ra['tokens_per_s']:.0f} | "
                      f"{rb['tokens_per_s']:.0f} | **{speed:.2f}x** | {epoch} | {memory_mb(ra):.0f} | "
                      f"{memory_mb(rb):.0f} | {memory_mb(ra) / memory_mb(rb):.2f} | {mfu} |")

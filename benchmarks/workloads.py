@@ -105,7 +105,7 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
         tokens.append(sum(len(units.table.sequences[r].input_ids) for i in micro for r in units.rows[i]))
     steps_peak = {"steps_peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if DEVICE.type == "cuda" else {}
     return {"seconds": seconds, "tokens": tokens, "setup_seconds": {"reference_precompute": precompute},
-            **setup_peak, **steps_peak, **param_counts(trainer.model)}
+            "precomputed_reference": ref_train is not None, **setup_peak, **steps_peak, **param_counts(trainer.model)}
 
 
 # ---------------------------------------------------------------------- TRL
@@ -161,7 +161,7 @@ def run_trl(kind: str, lora: bool, data: Path, steps: int, work: Path, precomput
     trainer.train()
     return {"seconds": seconds, "tokens": tokens, "train_call_seconds": time.perf_counter() - t0,
             "gradient_checkpointing": trainer.args.gradient_checkpointing,  # TRL's default: on
-            **param_counts(trainer.model)}
+            "precomputed_reference": precompute, **param_counts(trainer.model)}
 
 
 # ---------------------------------------------------------------------- forward-only
