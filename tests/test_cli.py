@@ -54,3 +54,27 @@ def test_bad_row_and_bad_key_exit_2_naming_them(tmp_path):
     cfg.write_text("train: {learning_rat: 0.1}\n")
     out = ulma("train", str(cfg))
     assert out.returncode == 2 and "unknown key train.'learning_rat'" in out.stderr
+
+
+def test_a_launched_run_destroys_its_process_group_only_when_it_ends_well(tmp_path):
+    """Gloo's threads must not outlive the interpreter (pytorch#190489: SIGABRT at exit),
+    but a failed process must not destroy a group its peers may still be waiting in."""
+    import torch.distributed as dist
+
+    from ulma.cli import main
+
+    def init(name):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / name), 1), rank=0, world_size=1)
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train: {learning_rat: 0.1}\n")
+    try:
+        init("ok")
+        assert main(["methods"]) == 0
+        assert not dist.is_initialized()
+        init("failed")
+        assert main(["train", str(cfg)]) == 2
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -117,10 +117,27 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = getattr(args, "handler", None) or {"train": cmd_train, "data": cmd_inspect, "methods": cmd_methods}[args.command]
     try:
-        return handler(args)
+        code = handler(args)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"ulma: error: {e}", file=sys.stderr)
         return 2
+    close_process_group()
+    return code
+
+
+def close_process_group() -> None:
+    """Destroy the process group of a launched run (accelerate, torchrun) once it has ended well.
+
+    Without this, gloo's worker threads outlive the interpreter's teardown, which can abort
+    the process (SIGABRT, "terminate called without an active exception", pytorch#190489):
+    seen once in a fresh-clone CI run, by a 2-process DeepSpeed run that had written all it
+    had to.  Not after an error: destroying the group while peers are still inside a
+    collective can hang them (torchtitan#1342).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
