@@ -38,6 +38,9 @@ PAIRS = [
     # TRL 1.13's KTOConfig/DPOConfig turn gradient checkpointing on by default (ulma: off):
     # the same setting on both sides, for memory and speed like for like.
     ("ulma-ulma-lora-checkpointed", "trl-kto-lora", "ULMA vs TRL KTOTrainer, LoRA r=8, both with gradient checkpointing"),
+    ("ulma-ulma-full-checkpointed", "trl-kto-full", "ULMA vs TRL KTOTrainer, full fine-tuning, both with gradient checkpointing"),
+    ("ulma-dpo-full-checkpointed", "trl-dpo-full",
+     "DPO vs TRL DPOTrainer (precomputed reference), full, both with gradient checkpointing"),
     ("forward-ulma", "forward-plain", "reference log-probs vs plain model(**batch) + fp32 log_softmax"),
     ("forward-ulma-mb32", "forward-plain-mb32", "reference log-probs vs the plain loop, both in batches of 32 rows"),
     ("generate-ulma", "generate-plain", "greedy generation, batched vs model.generate per prompt"),

@@ -298,6 +298,8 @@ WORKLOADS = {
                                                    train={"group_by_length": False}),
     "ulma-ulma-lora-checkpointed": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
                                                       train={"gradient_checkpointing": True}),
+    "ulma-ulma-full-checkpointed": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
+                                                      train={"gradient_checkpointing": True}),
     "ulma-ulma-lora-checkpointed-fp32-frozen": lambda a: run_ulma(
         "ulma", True, a.data, a.steps, a.work, train={"gradient_checkpointing": True, "bf16_frozen_weights": False}),
     "ulma-ulma-lora-unfused": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work, train={"fused_logps": False}),
@@ -318,6 +320,8 @@ WORKLOADS = {
                                                        train={"micro_batch_size": 64, "compile": True}),
     "ulma-dpo-lora": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work),
     "ulma-dpo-full": lambda a: run_ulma("dpo", False, a.data, a.steps, a.work),
+    "ulma-dpo-full-checkpointed": lambda a: run_ulma("dpo", False, a.data, a.steps, a.work,
+                                                     train={"gradient_checkpointing": True}),
     "ulma-dpo-lora-unshared": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work, train={"share_prompts": False}),
     "trl-kto-lora": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False),
     "trl-kto-full": lambda a: run_trl("kto", False, a.data, a.steps, a.work, precompute=False),
