@@ -96,11 +96,19 @@ def load_policy(model_cfg, device: torch.device | None = None, frozen_dtype: tor
     model.config.use_cache = False
     if model_cfg.lora.enabled:
         model = add_lora(model, model_cfg.lora)
+    return place(model, device, frozen_dtype)
+
+
+def place(model, device: torch.device | None, frozen_dtype: torch.dtype | None = None):
+    """Move a model loaded (in float32) from a file to ``device`` (None: stay on the CPU),
+    its frozen Linear weights first stored in ``frozen_dtype`` (:func:`store_frozen_linears`),
+    so that the device never holds their float32 copies; then, where they stay on the CPU,
+    off the checkpoint file's memory map (:func:`_release_checkpoint_mapping`)."""
     cast = store_frozen_linears(model, frozen_dtype) if frozen_dtype is not None else 0
     if device is not None:
         model.to(device)
     if cast:
-        release_checkpoint_mapping(model, frozen_dtype)
+        _release_checkpoint_mapping(model, frozen_dtype)
     return model
 
 
@@ -170,7 +178,7 @@ def compile_layers(model, backend: str = "inductor", mode: str | None = None) ->
     return n
 
 
-def release_checkpoint_mapping(model, cast_dtype: torch.dtype) -> None:
+def _release_checkpoint_mapping(model, cast_dtype: torch.dtype) -> None:
     """After :func:`store_frozen_linears` on a model loaded (in float32) from a file: give
     its CPU parameters and buffers memory of their own, but those in ``cast_dtype`` (just
     cast, they have it).  Weights loaded on the CPU are views of the memory-mapped

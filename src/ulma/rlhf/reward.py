@@ -30,8 +30,7 @@ from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate, pad_row
 from ulma.evaluation.metrics import label_accuracy, reward_accuracy
 from ulma.logprobs import autocast, use_bf16
 from ulma.methods import Method
-from ulma.models import (add_lora, is_peft, load_tokenizer, release_checkpoint_mapping, resolve_model_path,
-                         store_frozen_linears, trainable_parameters)
+from ulma.models import add_lora, is_peft, load_tokenizer, place, resolve_model_path, trainable_parameters
 from ulma.rlhf import losses as RL
 from ulma.rlhf.metrics import calibration, pearson, spearman
 from ulma.rlhf.run import MetricsLog, make_optimizer, non_finite, pick_device, set_seed
@@ -199,14 +198,10 @@ class RewardScorer:
         check_reward_folder(folder)
         self.device = device or pick_device()
         self.tokenizer = load_tokenizer(str(folder))
-        self.model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
-        self.model.requires_grad_(False)
-        cast = bf16 and bf16_weights  # every forward runs under bf16 autocast: the same products from bf16 weights
-        if cast:
-            store_frozen_linears(self.model, torch.bfloat16)
-        self.model.to(self.device)
-        if cast:
-            release_checkpoint_mapping(self.model, torch.bfloat16)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+        # every forward runs under bf16 autocast: the same products from bf16 weights
+        frozen = torch.bfloat16 if bf16 and bf16_weights else None
+        self.model = place(model.requires_grad_(False), self.device, frozen)
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {folder}: num_labels={self.model.config.num_labels}, expected 1 (a scalar)")
         if self.model.config.pad_token_id is None:
