@@ -41,8 +41,10 @@ PAIRS = [
     ("ulma-ulma-full-checkpointed", "trl-kto-full", "ULMA vs TRL KTOTrainer, full fine-tuning, both with gradient checkpointing"),
     ("ulma-dpo-full-checkpointed", "trl-dpo-full",
      "DPO vs TRL DPOTrainer (precomputed reference), full, both with gradient checkpointing"),
-    ("forward-ulma", "forward-plain", "reference log-probs vs plain model(**batch) + fp32 log_softmax"),
+    ("forward-ulma", "forward-plain", "reference log-probs (ulma's default batch: 32 rows on CUDA, else 8) "
+                                      "vs plain model(**batch) + fp32 log_softmax, 8 rows"),
     ("forward-ulma-mb32", "forward-plain-mb32", "reference log-probs vs the plain loop, both in batches of 32 rows"),
+    ("forward-ulma-mb64", "forward-plain-mb64", "reference log-probs vs the plain loop, both in batches of 64 rows"),
     ("generate-ulma", "generate-plain", "greedy generation, batched vs model.generate per prompt"),
 ]
 
@@ -58,7 +60,8 @@ LEVERS = [
      "frozen base weights stored in bf16 under bf16 autocast (LoRA, checkpointed; memory)"),
     ("ulma-dpo-lora", "ulma-dpo-lora-unshared", "shared prompts: a pair's prompt run once (DPO, LoRA)"),
     ("forward-ulma", "forward-ulma-unshared", "shared prompts: rows of one prompt run it once (forward-only)"),
-    ("forward-ulma-mb32", "forward-ulma", "forward-only batches of 32 rows (train.forward_batch_size) vs the micro-batch (8)"),
+    ("forward-ulma", "forward-ulma-mb8", "forward-only batches of train.forward_rows() (4x the micro-batch on CUDA, "
+                                         "the micro-batch elsewhere) vs the micro-batch (8)"),
     ("forward-ulma-compiled", "forward-ulma", "torch.compile of each decoder layer (forward-only)"),
     # train.compile is off by default: here "on" is the run with it
     ("ulma-ulma-lora-compiled", "ulma-ulma-lora", "torch.compile of each decoder layer (LoRA)"),

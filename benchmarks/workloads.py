@@ -183,12 +183,12 @@ def _forward_rows(data: Path, n: int):
 def run_forward(impl: str, data: Path, n: int, batch: int | None = None, compile: bool = False) -> dict:
     """Reference log-probs of n rows: ulma's table_logps vs a plain loop.
 
-    ulma runs as its Trainer does: batches of ``train.forward_rows()`` rows (the
-    micro-batch by default), or ``batch``.  The plain loop is what one writes first: rows
+    ulma runs as its Trainer does: batches of ``train.forward_rows(device)`` rows (by default
+    4x the micro-batch on CUDA, the micro-batch elsewhere), or ``batch``.  The plain loop is what one writes first: rows
     in file order in batches of ``batch`` (default the micro-batch, 8), ``model(**batch)``
     over every position, a float32 log-softmax over the vocabulary, gather; no_grad in both.
-    On a GPU the pass runs twice and the second is timed (the first loads kernels, and
-    compiles them with ``compile``)."""
+    On a GPU the pass runs four times and the last three are timed (the first loads kernels,
+    and compiles them with ``compile``)."""
     from transformers import AutoModelForCausalLM
 
     from ulma.config import TrainConfig
@@ -203,7 +203,7 @@ def run_forward(impl: str, data: Path, n: int, batch: int | None = None, compile
     tokens = sum(len(s.input_ids) for s in table.sequences)
 
     def ulma_pass():
-        size = batch or TrainConfig(micro_batch_size=MICRO).forward_rows()
+        size = batch or TrainConfig(micro_batch_size=MICRO).forward_rows(DEVICE.type)
         return table_logps(model, table, tokenizer.pad_token_id, size, bf16=BF16, progress=False,
                            share_prompts=impl == "ulma")["sum"]
 
@@ -221,13 +221,15 @@ def run_forward(impl: str, data: Path, n: int, batch: int | None = None, compile
         return torch.cat(sums)
 
     one_pass = ulma_pass if impl.startswith("ulma") else plain_pass
-    for _ in range(2 if DEVICE.type == "cuda" else 1):
+    times = []
+    for _ in range(4 if DEVICE.type == "cuda" else 1):  # a pass of 256 rows takes ~0.5 s on a GPU: 3 timed
         sync()
         t0 = time.perf_counter()
         out = one_pass()
         sync()
-        secs = time.perf_counter() - t0
-    return {"seconds": [secs], "tokens": [tokens], "checksum": float(out.double().sum())}
+        times.append(time.perf_counter() - t0)
+    times = times[1:] or times
+    return {"seconds": times, "tokens": [tokens] * len(times), "checksum": float(out.double().sum())}
 
 
 # ---------------------------------------------------------------------- generation
@@ -332,6 +334,9 @@ WORKLOADS = {
     "forward-ulma-unshared": lambda a: run_forward("ulma-unshared", a.data, a.rows),
     "forward-ulma-mb32": lambda a: run_forward("ulma", a.data, a.rows, batch=4 * MICRO),
     "forward-ulma-compiled": lambda a: run_forward("ulma", a.data, a.rows, compile=True),
+    "forward-ulma-mb8": lambda a: run_forward("ulma", a.data, a.rows, batch=MICRO),
+    "forward-ulma-mb64": lambda a: run_forward("ulma", a.data, a.rows, batch=8 * MICRO),
+    "forward-plain-mb64": lambda a: run_forward("plain", a.data, a.rows, batch=8 * MICRO),
     "forward-plain-mb32": lambda a: run_forward("plain", a.data, a.rows, batch=4 * MICRO),
     "generate-ulma": lambda a: run_generate("ulma", a.data, a.prompts, a.new_tokens),
     "generate-plain": lambda a: run_generate("plain", a.data, a.prompts, a.new_tokens),

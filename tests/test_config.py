@@ -39,8 +39,11 @@ def test_bad_values_are_named():
         validate(load_config(None, ["method.beta=0"]))
     with pytest.raises(ConfigError, match="train.forward_batch_size: must be >= 1 or null"):
         validate(load_config(None, ["train.forward_batch_size=0"]))
-    assert load_config(None, []).train.forward_rows() == 8  # the micro-batch
-    assert load_config(None, ["train.forward_batch_size=32"]).train.forward_rows() == 32
+    default = load_config(None, []).train
+    assert default.micro_batch_size == 8
+    assert (default.forward_rows("cpu"), default.forward_rows("cuda")) == (8, 32)  # the micro-batch; 4x on CUDA
+    set12 = load_config(None, ["train.forward_batch_size=12"]).train
+    assert (set12.forward_rows("cpu"), set12.forward_rows("cuda")) == (12, 12)
     assert load_config(None, ["train.bf16=auto"]).train.bf16 == "auto"
     with pytest.raises(ConfigError, match="train.bf16"):
         load_config(None, ["train.bf16=maybe"])

@@ -240,3 +240,25 @@ def test_final_hidden_states_by_a_hook_equal_the_models_own(tiny_model_dir, toke
             own = model(**inputs, output_hidden_states=True).hidden_states[-1]
         assert hooked.shape == (3, batch["input_ids"].shape[1], 32) and torch.equal(hooked, own)
         assert not _decoder(model)._forward_hooks  # the hook was removed
+
+
+def test_forward_only_batch_size_changes_no_result(tiny_model_dir, tokenizer):
+    """train.forward_batch_size (4x the micro-batch on CUDA by default) only changes which rows
+    share a padded forward pass: each row's log-prob sum and count are those of the row alone."""
+    from ulma.data.schema import Turn
+    from ulma.data.tokenize import SequenceTable, Tokenizer, pad_rows
+    from ulma.evaluation.metrics import table_logps
+    from ulma.logprobs import forward_logps
+
+    tok, table = Tokenizer(tokenizer, max_length=96), SequenceTable()
+    prompts = ["How do I bake bread?", "Hi", "Tell me a secret."]
+    for i in range(7):
+        tok.add(table, (Turn(role="user", content=prompts[i % 3]),), " ".join(["word"] * (1 + 4 * i)) + ".", "test")
+    model = _tiny_policy(tiny_model_dir, lora=False)
+    alone = [forward_logps(model, pad_rows(table, [i], tokenizer.pad_token_id), bf16=False, fused=False,
+                           share_prompts=False) for i in range(7)]
+    expected = torch.cat([a["sum"] for a in alone]).detach()
+    for size in (1, 3, 7):
+        out = table_logps(model, table, tokenizer.pad_token_id, size, False, progress=False)
+        assert out["count"].tolist() == [int(a["count"]) for a in alone]
+        assert torch.allclose(out["sum"], expected, rtol=1e-5, atol=1e-4), size

@@ -412,7 +412,7 @@ class Trainer:
         then summed over processes: evaluation work is done once, not once per process."""
         rank, world = self.acc.process_index, self.acc.num_processes
         show = self.cfg.train.progress and self.acc.is_main_process
-        size = self.cfg.train.forward_rows()
+        size = self.cfg.train.forward_rows(self.acc.device.type)
         out = table_logps(net, table, self.pad_id, size, self.bf16, rows=list(range(rank, len(table), world)),
                           desc=desc, progress=show, min_batches=math.ceil(math.ceil(len(table) / world) / size),
                           fused=self.cfg.train.fused_logps, share_prompts=self.cfg.train.share_prompts)

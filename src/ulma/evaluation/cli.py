@@ -25,7 +25,8 @@ def register(sub) -> None:
     _data_args(p)
     p.add_argument("--max-length", type=_positive, default=1024,
                    help="prompt + response tokens (the prompt is cut from the left)")
-    p.add_argument("--batch-size", type=_positive, default=8)
+    p.add_argument("--batch-size", type=_positive, default=None,
+                   help="rows per forward pass (default: as train.forward_batch_size, 32 on CUDA, 8 elsewhere)")
     p.set_defaults(handler=_guard(cmd_perplexity))
 
     g = esub.add_parser("generate", help="answer each prompt (one per prompt, with its reference answer); resumes")
@@ -167,6 +168,7 @@ def _model_and_data(args):
 
 
 def cmd_perplexity(args) -> int:
+    from ulma.config import TrainConfig
     from ulma.evaluation.loading import load_model, run_meta
     from ulma.evaluation.perplexity import write_perplexity
     from ulma.evaluation.testdata import positives
@@ -174,8 +176,9 @@ def cmd_perplexity(args) -> int:
     spec, data, out = _model_and_data(args)
     demos = positives(data, args.limit, args.split_seed)
     model, tokenizer = load_model(spec, args.dtype)
+    rows = args.batch_size or TrainConfig().forward_rows(next(model.parameters()).device.type)
     summary = write_perplexity(model, tokenizer, demos, out, meta=run_meta(spec, data.name), about=data.about,
-                               max_length=args.max_length, batch_size=args.batch_size, dtype=args.dtype,
+                               max_length=args.max_length, batch_size=rows, dtype=args.dtype,
                                rows_skipped=len(data.skipped), progress=not args.no_progress)
     lo, hi = summary["ci"]
     print(f"perplexity {summary['perplexity']:.4f} (95% bootstrap [{lo:.4f}, {hi:.4f}]) over {summary['tokens']} "

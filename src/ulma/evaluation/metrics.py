@@ -112,7 +112,8 @@ def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool, pr
     m = cfg.method
     pol = policy_logps
     if pol is None:
-        pol = table_logps(model, evalset.table, pad_id, cfg.train.forward_rows(), bf16, desc="evaluate",
+        rows = cfg.train.forward_rows(next(model.parameters()).device.type)
+        pol = table_logps(model, evalset.table, pad_id, rows, bf16, desc="evaluate",
                           progress=progress, fused=cfg.train.fused_logps, share_prompts=cfg.train.share_prompts)
     rewards = m.beta * (reduce_logps(pol["sum"], pol["count"], m.logp_reduction)
                         - reduce_logps(ref["sum"], ref["count"], m.logp_reduction))
