@@ -31,4 +31,4 @@ echo "model built in $(( $(date +%s) - t0 )) s"
 $PY benchmarks/run.py --model "$MODEL" --data .gpu/data --rounds 1 --steps "${STEPS:-10}" --warmup "${WARMUP:-3}" \
   --keep-going --timeout "${TIMEOUT:-150}" --out "$OUT" --rows 256 --prompts 32 --new-tokens 64 \
   --only ${ONLY:-ulma-ulma-lora ulma-ulma-full ulma-dpo-lora ulma-dpo-full forward-ulma ulma-ulma-full-checkpointed} \
-  --levers ${LEVERS:-forward-ulma-mb8 ulma-ulma-full-mb64 ulma-ulma-full-mb64-compiled} 2>&1 | tee "$OUT/log.txt"
+  --levers ${LEVERS:-forward-ulma-mb8 forward-ulma-compiled ulma-ulma-full-mb64 ulma-ulma-full-mb64-compiled} 2>&1 | tee "$OUT/log.txt"
