@@ -184,9 +184,10 @@ def run_forward(impl: str, data: Path, n: int, batch: int | None = None, compile
     """Reference log-probs of n rows: ulma's table_logps vs a plain loop.
 
     ulma runs as its Trainer does: batches of ``train.forward_rows(device)`` rows (by default
-    4x the micro-batch on CUDA, the micro-batch elsewhere), or ``batch``.  The plain loop is what one writes first: rows
-    in file order in batches of ``batch`` (default the micro-batch, 8), ``model(**batch)``
-    over every position, a float32 log-softmax over the vocabulary, gather; no_grad in both.
+    4x the micro-batch on CUDA, the micro-batch elsewhere), or ``batch``.  The plain loop is
+    what one writes first: rows in file order in batches of ``batch`` (default the
+    micro-batch, 8), ``model(**batch)`` over every position, a float32 log-softmax over the
+    vocabulary, gather; no_grad in both.
     On a GPU the pass runs four times and the last three are timed (the first loads kernels,
     and compiles them with ``compile``)."""
     from transformers import AutoModelForCausalLM
