@@ -160,13 +160,19 @@ class Trainer:
     def _compile(self) -> None:
         """``train.compile``: each decoder layer of the policy (and of a live reference copy)
         through ``torch.compile`` (:func:`ulma.models.compile_layers`).  Compilation happens
-        at the first batch of each kind (training with gradients, reference/evaluation without)."""
+        at the first batch of each kind (training with gradients, reference/evaluation without).
+        Under FSDP2 the layers are compiled before prepare() shards them, as torchtune does:
+        dynamo leaves FSDP's all-gather hooks out of the graph (``skip_fsdp_hooks``) and the
+        graph sees each layer's gathered weights.  FSDP1's flat parameters and DeepSpeed's
+        engine are not supported."""
         from ulma.models import compile_layers
 
+        self.compiled_layers = 0  # the policy's, reported in results.json
         if not self.cfg.train.compile:
             return
-        if self.fsdp or self.deepspeed:
-            raise ValueError("train.compile: not supported under FSDP or DeepSpeed in ulma (set it to false)")
+        if self.deepspeed or (self.fsdp and self.acc.state.fsdp_plugin.fsdp_version != 2):
+            raise ValueError("train.compile: supported under FSDP2 (fsdp_version: 2) and DDP, not under FSDP1 "
+                             "or DeepSpeed (set it to false)")
         embedding = self.model.get_input_embeddings()
         if any(not p.requires_grad for p in embedding.parameters()):
             # LoRA: the embedding is frozen, so the first layer's input would need no gradient
@@ -174,9 +180,9 @@ class Trainer:
             # not under no_grad, where no layer's input has one; Hugging Face's
             # enable_input_require_grads sets it there too).
             embedding.register_forward_hook(_input_requires_grad)
-        for net in (self.model, self.reference.copy):
-            if net is not None:
-                compile_layers(net, self.cfg.train.compile_backend, self.cfg.train.compile_mode)
+        self.compiled_layers = compile_layers(self.model, self.cfg.train.compile_backend, self.cfg.train.compile_mode)
+        if self.reference.copy is not None:
+            compile_layers(self.reference.copy, self.cfg.train.compile_backend, self.cfg.train.compile_mode)
 
     @property
     def fsdp(self) -> bool:
@@ -567,7 +573,7 @@ class Trainer:
     def _finish(self, results: dict) -> dict:
         results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps,
                        skipped_steps=getattr(self, "skipped_steps", 0), processes=self.acc.num_processes,
-                       distributed=self._distributed_name())
+                       distributed=self._distributed_name(), compiled_layers=self.compiled_layers)
         state_dict = self._full_state_dict()
         if self.acc.is_main_process:
             final = self.out / "final"
