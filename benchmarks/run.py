@@ -114,7 +114,10 @@ def machine() -> dict:
     return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__, "versions": _versions()}
+            "python": platform.python_version(), "torch": torch.__version__, "versions": _versions(),
+            # settings every workload process inherits that change memory or speed (glibc's allocator, threads)
+            "environment": {k: v for k, v in os.environ.items()
+                            if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "OMP_", "MKL_"))}}
 
 
 def _versions() -> dict:
