@@ -108,8 +108,10 @@ def scored_file(tmp_path, levels=(0, 2, 4), binary=False):
 def test_scores_train_with_mse_and_report_spearman(tiny_model_dir, tmp_path):
     out = tmp_path / "rm"
     res = train_reward(load_config("configs/reward.yaml", tiny_args(tiny_model_dir, scored_file(tmp_path), out,
-                                                                    "train.max_steps=12")))
+                                                                    "train.max_steps=12", "train.log_every=5")))
     assert res["loss"] == "mse"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["steps"]) for r in rows if "loss" in r] == [(5, 5), (10, 5), (12, 2)]  # and the last
     before, after = res["before"], res["after"]
     assert before["scored_examples"] == after["scored_examples"] == 18  # 6 held-out prompts x 3 responses
     assert after["spearman"] > 0.8 and after["spearman"] > before["spearman"]

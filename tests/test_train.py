@@ -282,3 +282,46 @@ def test_compiled_lora_layers_see_inputs_that_need_a_gradient_only_where_autogra
     assert emb(ids).requires_grad
     with torch.no_grad():
         assert not emb(ids).requires_grad
+
+
+def test_step_rows_average_windows_by_hand():
+    from ulma.train import StepRows
+
+    rows = StepRows(3)
+    steps = [{"loss": 1.0, "loss_pos": None, "lr": 0.3, "skipped": False, "seconds": 0.5, "step": 1},
+             {"loss": 2.0, "loss_pos": 4.0, "lr": 0.2, "skipped": True, "seconds": 0.25, "step": 2},
+             {"loss": 6.0, "loss_pos": None, "lr": 0.1, "skipped": True, "seconds": 1.0, "step": 3},
+             {"loss": 5.0, "loss_pos": None, "lr": 0.05, "skipped": False, "seconds": 2.0, "step": 4}]
+    assert rows.add(steps[0]) is None and rows.add(steps[1]) is None
+    assert rows.add(steps[2]) == {"loss": 3.0, "loss_pos": 4.0, "lr": 0.1, "skipped": 2, "seconds": 1.75,
+                                  "step": 3, "steps": 3}
+    assert rows.add(steps[3], due=True) == {"loss": 5.0, "loss_pos": None, "lr": 0.05, "skipped": 0,
+                                            "seconds": 2.0, "step": 4, "steps": 1}
+    assert StepRows(1).add(steps[0]) is steps[0]  # every step's own row, unchanged
+
+
+def test_log_every_rows_are_means_and_a_resumed_run_writes_the_same(tiny_model_dir, pointwise_file, tmp_path):
+    """train.log_every=2 with checkpoints every 3 steps, 5 steps: rows after steps 2, 3
+    (a checkpoint), 4 and 5 (the last), each the mean of its steps' losses in a run with
+    a row per step; a run stopped after step 3 and resumed writes the same rows."""
+    import shutil
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = ["method.name=ulma", "train.max_steps=5"]
+    train(tiny_cfg(tiny_model_dir, pointwise_file, a, *common))
+    every = {r["step"]: r for r in metrics(a) if "loss" in r}
+    train(tiny_cfg(tiny_model_dir, pointwise_file, b, *common, "train.log_every=2", "train.save_every=3"))
+    rows = [r for r in metrics(b) if "loss" in r]
+    assert [(r["step"], r["steps"]) for r in rows] == [(2, 2), (3, 1), (4, 1), (5, 1)]
+    for r, window in zip(rows, ([1, 2], [3], [4], [5])):
+        assert r["loss"] == pytest.approx(sum(every[s]["loss"] for s in window) / len(window), rel=1e-6)
+        assert r["lr"] == pytest.approx(every[r["step"]]["lr"])
+    shutil.copytree(b, c)  # b stopped after step 3's checkpoint, then resumed
+    shutil.rmtree(c / "checkpoints" / "step-000005")
+    shutil.rmtree(c / "final")
+    (c / "results.json").unlink()
+    train(tiny_cfg(tiny_model_dir, pointwise_file, c, *common, "train.log_every=2", "train.save_every=3",
+                   "train.resume=true"))
+    resumed = [r for r in metrics(c) if "loss" in r]
+    assert [r["step"] for r in resumed] == [2, 3, 4, 5]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in rows], rel=1e-6)

@@ -105,7 +105,7 @@ class TrainConfig:
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation, for debugging)
     compile_mode: Optional[str] = None  # torch.compile's mode: null (default), "reduce-overhead" (CUDA graphs), "max-autotune"
     progress: bool = True
-    log_every: int = 1
+    log_every: int = 1  # steps a metrics row covers (their means; a row at every checkpoint and the last step too)
 
     def forward_rows(self, device_type: str) -> int:
         """Rows per forward-only batch on a device of ``device_type`` ("cuda", "cpu", ...):
@@ -272,6 +272,7 @@ def validate(cfg: Config) -> None:
         (t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1"),
         (t.forward_batch_size is None or t.forward_batch_size >= 1, "train.forward_batch_size", "must be >= 1 or null"),
         (t.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+        (t.log_every >= 1, "train.log_every", "must be >= 1"),
         (t.lr > 0, "train.lr", "must be > 0"),
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
         (t.epochs > 0 or t.max_steps, "train.epochs", "must be > 0 (or set train.max_steps)"),

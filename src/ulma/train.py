@@ -109,6 +109,41 @@ def make_accelerator():
     return acc
 
 
+class StepRows:
+    """``train.log_every``: one metrics row per ``every`` optimizer steps, and one at each
+    checkpoint and at the last step (``due``), so the rows a resumed run keeps are those of
+    an uninterrupted run.  A row of several steps holds the mean of each numeric metric over
+    them (None where no step had it: a step without positives has no ``loss_pos``), the sum
+    of ``seconds`` and of the counts ``skipped`` / ``skipped_updates``, the ``step`` and
+    ``lr`` of its last step, and ``steps``, how many it covers.  ``every == 1``: each step's
+    own row, unchanged."""
+
+    LAST = ("step", "lr")
+    SUM = ("seconds", "skipped", "skipped_updates")
+
+    def __init__(self, every: int):
+        self.every, self.pending = every, []
+
+    def add(self, row: dict, due: bool = False) -> dict | None:
+        """Takes one step's row; returns the row to write now, or None."""
+        if self.every == 1:
+            return row
+        self.pending.append(row)
+        if not (due or row["step"] % self.every == 0):
+            return None
+        rows, self.pending = self.pending, []
+        out = {}
+        for k in dict.fromkeys(k for r in rows for k in r):
+            values = [r[k] for r in rows if r.get(k) is not None]
+            if k in self.LAST or not all(isinstance(v, (int, float)) for v in values):
+                out[k] = rows[-1].get(k)
+            elif k in self.SUM:
+                out[k] = sum(values)
+            else:
+                out[k] = sum(values) / len(values) if values else None
+        return {**out, "steps": len(rows)}
+
+
 def _input_requires_grad(module, args, out: torch.Tensor) -> None:
     """Forward hook: the output needs a gradient wherever autograd records (see Trainer._compile)."""
     if torch.is_grad_enabled():
@@ -375,6 +410,7 @@ class Trainer:
                    disable=not (t.progress and self.acc.is_main_process), dynamic_ncols=True)
         self.model.train()
         bad_in_a_row, self.skipped_steps = 0, 0
+        rows = StepRows(t.log_every)
         for step in bar:
             t0 = time.perf_counter()
             row = self.train_step(step, ref_train)
@@ -386,12 +422,14 @@ class Trainer:
                     f"(train.max_bad_steps={t.max_bad_steps}); stopping. The last checkpoint is intact."
                 )
             row.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3))
-            self._log(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             done = step + 1
+            saving = (t.save_every and done % t.save_every == 0) or done == self.total_steps
+            if (out := rows.add(row, due=saving)) is not None:
+                self._log(out)
             if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
                 self._evaluate(ref_eval, done)
-            if (t.save_every and done % t.save_every == 0) or done == self.total_steps:
+            if saving:
                 self._save(done, results)
         results["after"] = self._evaluate(ref_eval, self.total_steps)
         return self._finish(results)

@@ -39,7 +39,7 @@ from ulma.data.tokenize import Tokenizer, fit, left_pad
 from ulma.logprobs import autocast, token_logps, use_bf16
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 from ulma.rlhf import losses as RL
-from ulma.rlhf.run import MetricsLog, make_optimizer, non_finite, pick_device, set_seed
+from ulma.rlhf.run import MetricsLog, StepRows, make_optimizer, non_finite, pick_device, set_seed
 from ulma.rlhf.value_head import PolicyWithValueHead, ValueHead, load_value_head
 
 RewardFn = Callable[[list, list, list], torch.Tensor]
@@ -355,6 +355,7 @@ class PPOTrainer:
         if start == 0:
             results["before"] = self._evaluate(0)
         bad = 0
+        rows = StepRows(t.log_every)  # train.log_every
         bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="ppo",
                    disable=not t.progress, dynamic_ncols=True)
         for step in bar:
@@ -364,7 +365,10 @@ class PPOTrainer:
             if bad >= t.max_bad_steps:
                 raise RuntimeError(f"step {step + 1}: non-finite losses or gradients {bad} steps in a row; stopping")
             done = step + 1
-            self.log.write({**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)})
+            due = (t.save_every and done % t.save_every == 0) or done == self.total_steps
+            row = {**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)}
+            if (out := rows.add(row, due)) is not None:
+                self.log.write(out)
             bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
             if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
                 self._evaluate(done)

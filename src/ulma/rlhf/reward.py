@@ -33,7 +33,7 @@ from ulma.methods import Method
 from ulma.models import add_lora, is_peft, load_tokenizer, place, resolve_model_path, trainable_parameters
 from ulma.rlhf import losses as RL
 from ulma.rlhf.metrics import calibration, pearson, spearman
-from ulma.rlhf.run import MetricsLog, make_optimizer, non_finite, pick_device, set_seed
+from ulma.rlhf.run import MetricsLog, StepRows, make_optimizer, non_finite, pick_device, set_seed
 
 LOSSES = ("bradley_terry", "bce", "mse")
 
@@ -326,6 +326,7 @@ class RewardTrainer:
             results["before"] = self._evaluate(0)
         self.model.train()
         bad = 0
+        rows = StepRows(t.log_every)  # train.log_every
         for step in tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="reward",
                          disable=not t.progress, dynamic_ncols=True):
             t0 = time.perf_counter()
@@ -334,7 +335,10 @@ class RewardTrainer:
             if bad >= t.max_bad_steps:
                 raise RuntimeError(f"step {step + 1}: loss or gradients non-finite {bad} steps in a row; stopping")
             done = step + 1
-            self.log.write({**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)})
+            due = (t.save_every and done % t.save_every == 0) or done == self.total_steps
+            row = {**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)}
+            if (out := rows.add(row, due)) is not None:
+                self.log.write(out)
             if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
                 self._evaluate(done)
             if t.save_every and done % t.save_every == 0 and done < self.total_steps:
