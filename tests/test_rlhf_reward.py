@@ -182,3 +182,35 @@ def test_unusable_reward_folders_are_named(tmp_path, tiny_model_dir):
     (no_tok / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     with pytest.raises(ValueError, match="has no tokenizer"):
         RewardScorer(no_tok)
+
+
+def test_gradient_checkpointing_changes_no_reward_result(tiny_model_dir, tmp_path):
+    """train.gradient_checkpointing in the reward loop: the same per-step losses and
+    gradient norms as without (activations recomputed in the backward, the same math)."""
+    data = scored_file(tmp_path)
+
+    def run(name, *extra):
+        from ulma.rlhf.reward import RewardTrainer
+
+        out = tmp_path / name
+        trainer = RewardTrainer(load_config("configs/reward.yaml", tiny_args(tiny_model_dir, data, out,
+                                                                             "train.max_steps=3", *extra)))
+        assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules()) == bool(extra)
+        trainer.run()
+        rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        return [x for r in rows for x in (r["loss"], r["grad_norm"])]
+
+    plain, checkpointed = run("plain"), run("ckpt", "train.gradient_checkpointing=true")
+    assert len(plain) == 3 * 2 and plain == pytest.approx(checkpointed, rel=1e-5)
+
+
+@pytest.mark.parametrize("method,key", [("reward", "train.compile=true"), ("reward", "train.forward_batch_size=4"),
+                                        ("rlhf", "train.gradient_checkpointing=true"),
+                                        ("rlhf", "train.group_by_length=false")])
+def test_train_keys_a_loop_does_not_use_are_refused(method, key, tmp_path):
+    from ulma.config import validate
+
+    cfg = load_config(None, [f"method.name={method}", key, f"train.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=rf"train\.{key.split('.')[1].split('=')[0]}: not used by method '{method}'"):
+        validate(cfg)
+    validate(load_config(None, [f"method.name={method}", f"train.output_dir={tmp_path}"]))  # the defaults pass

@@ -292,6 +292,24 @@ def validate(cfg: Config) -> None:
             f"method.name: unknown method {cfg.method.name!r}; choose one of {sorted(METHODS) + sorted(TRAINERS)}"
         )
     _validate_rlhf(cfg)
+    _refuse_unused(cfg)
+
+
+# train.* keys the reward and PPO loops (their own loops, one process) do not use: a value
+# other than the default is an error rather than a setting that silently does nothing.
+UNUSED_TRAIN_KEYS = {
+    "reward": ("compile", "compile_backend", "compile_mode", "forward_batch_size", "share_prompts", "fused_logps"),
+    "rlhf": ("compile", "compile_backend", "compile_mode", "forward_batch_size", "share_prompts", "fused_logps",
+             "gradient_checkpointing", "group_by_length"),
+}
+
+
+def _refuse_unused(cfg: Config) -> None:
+    default = TrainConfig()
+    for key in UNUSED_TRAIN_KEYS.get(cfg.method.name, ()):
+        if getattr(cfg.train, key) != getattr(default, key):
+            raise ConfigError(f"train.{key}: not used by method {cfg.method.name!r} (its own loop); "
+                              f"leave it at its default ({getattr(default, key)!r})")
 
 
 def _validate_rlhf(cfg: Config) -> None:

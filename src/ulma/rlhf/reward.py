@@ -255,6 +255,8 @@ class RewardTrainer:
         # Not train.bf16_frozen_weights: the trained model is saved with LoRA merged into the
         # base, and a base stored in bf16 would round the merged weights (the adapter's delta too).
         self.model = load_reward_model(cfg.model, self.tokenizer, self.device)
+        if cfg.train.gradient_checkpointing:  # non-reentrant: works with LoRA's frozen inputs
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.bf16 = use_bf16(cfg.train.bf16, self.device)
         self.total_steps = self._total_steps()
         self.optimizer, self.scheduler = make_optimizer(trainable_parameters(self.model), cfg.train, self.total_steps)

@@ -38,9 +38,13 @@ class MetricsLog:
 
 
 def make_optimizer(params: list, train_cfg, total_steps: int):
-    """AdamW and the main loop's schedule: linear warmup, cosine to ``lr * min_lr_ratio``."""
+    """AdamW and the main loop's schedule: linear warmup, cosine to ``lr * min_lr_ratio``.
+    ``train.fused_optimizer``: torch's fused AdamW (one kernel over all parameters) where
+    they are on one CPU or CUDA device, as in the main loop (one process here)."""
     t = train_cfg
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999))
+    devices = {p.device.type for p in params}
+    fused = {"fused": True} if t.fused_optimizer and len(devices) == 1 and devices <= {"cpu", "cuda"} else {}
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), **fused)
     warmup = int(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, t.min_lr_ratio))
     return optimizer, scheduler
