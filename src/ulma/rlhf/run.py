@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ulma import checkpoint as ckpt
-from ulma.train import StepRows, lr_factor, set_seed  # noqa: F401  (re-exported for the two loops)
+from ulma.train import StepRows, fused_adamw, lr_factor, set_seed  # noqa: F401  (re-exported for the two loops)
 
 
 def pick_device() -> torch.device:
@@ -42,9 +42,8 @@ def make_optimizer(params: list, train_cfg, total_steps: int):
     ``train.fused_optimizer``: torch's fused AdamW (one kernel over all parameters) where
     they are on one CPU or CUDA device, as in the main loop (one process here)."""
     t = train_cfg
-    devices = {p.device.type for p in params}
-    fused = {"fused": True} if t.fused_optimizer and len(devices) == 1 and devices <= {"cpu", "cuda"} else {}
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999), **fused)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
+                                  **fused_adamw(params, t.fused_optimizer))
     warmup = int(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, t.min_lr_ratio))
     return optimizer, scheduler
