@@ -287,7 +287,7 @@ def test_compiled_lora_layers_see_inputs_that_need_a_gradient_only_where_autogra
 def test_step_rows_average_windows_by_hand():
     from ulma.train import StepRows
 
-    rows = StepRows(3)
+    rows = StepRows(3, save_every=0, total=4)
     steps = [{"loss": 1.0, "loss_pos": None, "lr": 0.3, "skipped": False, "seconds": 0.5, "step": 1},
              {"loss": 2.0, "loss_pos": 4.0, "lr": 0.2, "skipped": True, "seconds": 0.25, "step": 2},
              {"loss": 6.0, "loss_pos": None, "lr": 0.1, "skipped": True, "seconds": 1.0, "step": 3},
@@ -295,9 +295,9 @@ def test_step_rows_average_windows_by_hand():
     assert rows.add(steps[0]) is None and rows.add(steps[1]) is None
     assert rows.add(steps[2]) == {"loss": 3.0, "loss_pos": 4.0, "lr": 0.1, "skipped": 2, "seconds": 1.75,
                                   "step": 3, "steps": 3}
-    assert rows.add(steps[3], due=True) == {"loss": 5.0, "loss_pos": None, "lr": 0.05, "skipped": 0,
+    assert rows.add(steps[3]) == {"loss": 5.0, "loss_pos": None, "lr": 0.05, "skipped": 0,
                                             "seconds": 2.0, "step": 4, "steps": 1}
-    assert StepRows(1).add(steps[0]) is steps[0]  # every step's own row, unchanged
+    assert StepRows(1, save_every=0, total=4).add(steps[0]) is steps[0]  # every step's own row, unchanged
 
 
 def test_log_every_rows_are_means_and_a_resumed_run_writes_the_same(tiny_model_dir, pointwise_file, tmp_path):

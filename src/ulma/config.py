@@ -297,11 +297,8 @@ def validate(cfg: Config) -> None:
 
 # train.* keys the reward and PPO loops (their own loops, one process) do not use: a value
 # other than the default is an error rather than a setting that silently does nothing.
-UNUSED_TRAIN_KEYS = {
-    "reward": ("compile", "compile_backend", "compile_mode", "forward_batch_size", "share_prompts", "fused_logps"),
-    "rlhf": ("compile", "compile_backend", "compile_mode", "forward_batch_size", "share_prompts", "fused_logps",
-             "gradient_checkpointing", "group_by_length"),
-}
+_NEITHER = ("compile", "compile_backend", "compile_mode", "forward_batch_size", "share_prompts", "fused_logps")
+UNUSED_TRAIN_KEYS = {"reward": _NEITHER, "rlhf": _NEITHER + ("gradient_checkpointing", "group_by_length")}
 
 
 def _refuse_unused(cfg: Config) -> None:

@@ -118,25 +118,26 @@ def fused_adamw(params: list, wanted: bool) -> dict:
 
 class StepRows:
     """``train.log_every``: one metrics row per ``every`` optimizer steps, and one at each
-    checkpoint and at the last step (``due``), so the rows a resumed run keeps are those of
-    an uninterrupted run.  A row of several steps holds the mean of each numeric metric over
-    them (None where no step had it: a step without positives has no ``loss_pos``), the sum
-    of ``seconds`` and of the counts ``skipped`` / ``skipped_updates``, the ``step`` and
-    ``lr`` of its last step, and ``steps``, how many it covers.  ``every == 1``: each step's
-    own row, unchanged."""
+    checkpoint (every ``save_every`` steps) and at the last step, ``total``, so the rows a
+    resumed run keeps are those of an uninterrupted run.  A row of several steps holds the
+    mean of each numeric metric over them (None where no step had it: a step without
+    positives has no ``loss_pos``), the sum of ``seconds`` and of the counts ``skipped`` /
+    ``skipped_updates``, the ``step`` and ``lr`` of its last step, and ``steps``, how many it
+    covers.  ``every == 1``: each step's own row, unchanged."""
 
     LAST = ("step", "lr")
     SUM = ("seconds", "skipped", "skipped_updates")
 
-    def __init__(self, every: int):
-        self.every, self.pending = every, []
+    def __init__(self, every: int, save_every: int, total: int):
+        self.every, self.save_every, self.total, self.pending = every, save_every, total, []
 
-    def add(self, row: dict, due: bool = False) -> dict | None:
+    def add(self, row: dict) -> dict | None:
         """Takes one step's row; returns the row to write now, or None."""
         if self.every == 1:
             return row
         self.pending.append(row)
-        if not (due or row["step"] % self.every == 0):
+        step = row["step"]
+        if not (step % self.every == 0 or step == self.total or (self.save_every and step % self.save_every == 0)):
             return None
         rows, self.pending = self.pending, []
         out = {}
@@ -415,7 +416,7 @@ class Trainer:
                    disable=not (t.progress and self.acc.is_main_process), dynamic_ncols=True)
         self.model.train()
         bad_in_a_row, self.skipped_steps = 0, 0
-        rows = StepRows(t.log_every)
+        rows = StepRows(t.log_every, t.save_every, self.total_steps)
         for step in bar:
             t0 = time.perf_counter()
             row = self.train_step(step, ref_train)
@@ -429,12 +430,11 @@ class Trainer:
             row.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3))
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             done = step + 1
-            saving = (t.save_every and done % t.save_every == 0) or done == self.total_steps
-            if (out := rows.add(row, due=saving)) is not None:
+            if (out := rows.add(row)) is not None:
                 self._log(out)
             if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
                 self._evaluate(ref_eval, done)
-            if saving:
+            if (t.save_every and done % t.save_every == 0) or done == self.total_steps:
                 self._save(done, results)
         results["after"] = self._evaluate(ref_eval, self.total_steps)
         return self._finish(results)

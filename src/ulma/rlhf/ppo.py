@@ -355,7 +355,7 @@ class PPOTrainer:
         if start == 0:
             results["before"] = self._evaluate(0)
         bad = 0
-        rows = StepRows(t.log_every)  # train.log_every
+        rows = StepRows(t.log_every, t.save_every, self.total_steps)  # train.log_every
         bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="ppo",
                    disable=not t.progress, dynamic_ncols=True)
         for step in bar:
@@ -365,9 +365,8 @@ class PPOTrainer:
             if bad >= t.max_bad_steps:
                 raise RuntimeError(f"step {step + 1}: non-finite losses or gradients {bad} steps in a row; stopping")
             done = step + 1
-            due = (t.save_every and done % t.save_every == 0) or done == self.total_steps
             row = {**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)}
-            if (out := rows.add(row, due)) is not None:
+            if (out := rows.add(row)) is not None:
                 self.log.write(out)
             bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
             if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:

@@ -328,7 +328,7 @@ class RewardTrainer:
             results["before"] = self._evaluate(0)
         self.model.train()
         bad = 0
-        rows = StepRows(t.log_every)  # train.log_every
+        rows = StepRows(t.log_every, t.save_every, self.total_steps)  # train.log_every
         for step in tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="reward",
                          disable=not t.progress, dynamic_ncols=True):
             t0 = time.perf_counter()
@@ -337,9 +337,8 @@ class RewardTrainer:
             if bad >= t.max_bad_steps:
                 raise RuntimeError(f"step {step + 1}: loss or gradients non-finite {bad} steps in a row; stopping")
             done = step + 1
-            due = (t.save_every and done % t.save_every == 0) or done == self.total_steps
             row = {**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)}
-            if (out := rows.add(row, due)) is not None:
+            if (out := rows.add(row)) is not None:
                 self.log.write(out)
             if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
                 self._evaluate(done)
