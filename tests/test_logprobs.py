@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from ulma.logprobs import logits_to_keep, reduce_logps, sequence_logps, token_logps
@@ -262,3 +263,60 @@ def test_forward_only_batch_size_changes_no_result(tiny_model_dir, tokenizer):
         out = table_logps(model, table, tokenizer.pad_token_id, size, False, progress=False)
         assert out["count"].tolist() == [int(a["count"]) for a in alone]
         assert torch.allclose(out["sum"], expected, rtol=1e-5, atol=1e-4), size
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_forward_only_pass_casts_each_weight_once(tiny_model_dir, tokenizer, lora):
+    """Under bf16 autocast a pass of several batches (table_logps) casts each float32 weight
+    to bf16 once, not once a batch, trainable or frozen (LoRA's base layers and the tied
+    output layer), and gives bit for bit what batch-by-batch forward passes give (the casts
+    are the same roundings)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ulma.data.schema import Turn
+    from ulma.data.tokenize import SequenceTable, Tokenizer, pad_rows
+    from ulma.evaluation.metrics import _longest_first, table_logps
+    from ulma.logprobs import forward_logps
+
+    tok, table = Tokenizer(tokenizer, max_length=96), SequenceTable()
+    prompts = ["How do I bake bread?", "Hi", "Tell me a secret."]
+    for i in range(7):
+        tok.add(table, (Turn(role="user", content=prompts[i % 3]),), " ".join(["word"] * (1 + 4 * i)) + ".", "test")
+    model = _tiny_policy(tiny_model_dir, lora=lora).eval()  # float32, lm_head tied to the embeddings
+    weights = {p.data_ptr(): n for n, p in model.named_parameters() if p.dim() == 2}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+                name = weights.get(args[0].data_ptr())
+                if name is not None:
+                    self.counts[name] = self.counts.get(name, 0) + 1
+            return func(*args, **kwargs)
+
+    order = _longest_first(table, list(range(7)), True)
+    batches = [order[s : s + 3] for s in range(0, 7, 3)]  # 3 batches: 3 + 3 + 1 rows
+    per_batch, pass_ = Casts(), Casts()
+    with torch.no_grad(), per_batch:
+        expected = torch.zeros(7)
+        for rows in batches:
+            expected[rows] = forward_logps(model, pad_rows(table, rows, tokenizer.pad_token_id), bf16=True)["sum"].float()
+    with pass_:
+        out = table_logps(model, table, tokenizer.pad_token_id, 3, True, progress=False)
+    # The tied output layer's weight is cast twice a batch: for the model's own logits at one
+    # position (final_hidden_states) and for the fused output layer; in the pass once for each.
+    head = next(n for n in per_batch.counts if n.endswith("embed_tokens.weight"))
+    linears = set(per_batch.counts) - {head}
+    assert per_batch.counts[head] == 2 * 3 and pass_.counts[head] == 2
+    # 7 Linears a layer, 2 layers; with LoRA the adapters (A and B on the 4 attention
+    # projections, trainable) are cast too
+    assert len(linears) == 7 * 2 + (2 * 4 * 2 if lora else 0) and {per_batch.counts[n] for n in linears} == {3}
+    assert set(pass_.counts) == set(per_batch.counts) and {pass_.counts[n] for n in linears} == {1}
+    assert any(n not in trainable for n in linears) == lora  # frozen base layers were cached too
+    assert torch.equal(out["sum"], expected)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # flags restored

@@ -97,6 +97,42 @@ def autocast(device: torch.device, enabled: bool):
         yield
 
 
+@contextmanager
+def cast_once(model, bf16: bool):
+    """The context of a pass of many forward batches without gradients (reference log-probs,
+    evaluation, perplexity): under bf16 autocast each float32 weight is cast to bf16 once
+    for the pass instead of once a batch.  Yields the output layer's weight in bf16, for
+    :func:`forward_logps`'s ``head_weight`` (None: no fusable head, or nothing to do).
+
+    Autocast keeps its casts of weights that require gradients until its outermost context
+    exits, so one context around the pass makes them last across its batches.  Frozen
+    float32 weights (a LoRA model's tied output layer, say) are marked as requiring
+    gradients for the pass so that they are cached too: under no_grad nothing records a
+    graph or a gradient for them.  The casts are exactly autocast's, so results do not
+    change.  Measured on a 2-core AVX512-BF16 CPU (SmolLM2-135M, 96 rows in batches of 8):
+    casts took ~1.3 s of a ~10.5 s pass, the 49k x 576 output layer's ~45 ms a batch.
+    Nothing is done where weights are sharded (FSDP, ZeRO-3): they are gathered a layer at
+    a time, and a cache would keep every layer's gathered weights for the whole pass.
+    """
+    params = list(model.parameters())
+    whole = all(type(p) in (torch.Tensor, torch.nn.Parameter) and not hasattr(p, "ds_id") for p in params)
+    if not (bf16 and params and whole):
+        yield None
+        return
+    if torch.is_grad_enabled():
+        raise RuntimeError("cast_once is for passes without gradients (run it under torch.no_grad())")
+    frozen = [p for p in params if not p.requires_grad and p.dtype == torch.float32]
+    head = fusable_head(model)
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with autocast(params[0].device, True):
+            yield None if head is None else head.weight.to(torch.bfloat16)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def logits_to_keep(loss_mask: torch.Tensor) -> int:
     """How many final positions need logits: from the one before the first response token.
 
@@ -191,7 +227,7 @@ def fusable_head(model):
 
 
 def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, fused: bool = True,
-                  share_prompts: bool = True):
+                  share_prompts: bool = True, head_weight: torch.Tensor | None = None):
     """Run ``model`` on a collated batch; returns dict(sum [N], count [N], and tokens/mask).
 
     ``fused`` (where :func:`fusable_head` allows): the output layer is applied only at the
@@ -199,13 +235,16 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     states; otherwise from the model's logits of the last positions (:func:`token_logps`).
     ``share_prompts`` (with ``fused``): rows with the same prompt -- a pair's chosen and
     rejected -- run that prompt once (:func:`pack_prompts`).
+    ``head_weight``: the output layer's weight already in the compute dtype, for a pass
+    without gradients (:func:`cast_once`); the fused path then casts none.
     """
     head = fusable_head(model) if fused else None
     if head is not None:
         pack = None
         if share_prompts and _can_share(model):
             pack = pack_prompts(batch, int(getattr(_config(model), "hidden_size", 0) or 0))
-        return _fused_logps(model, head, batch, bf16, need_tokens, pack)
+        weight = head.weight if head_weight is None else head_weight
+        return _fused_logps(model, weight, batch, bf16, need_tokens, pack)
     device = next(model.parameters()).device
     with autocast(device, bf16):
         logits = model(
@@ -221,11 +260,11 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     return out
 
 
-def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool, pack: dict | None = None) -> dict:
-    """Log-probs from the final hidden states at the scored positions, of the batch's rows
-    or of their packed form (:func:`pack_prompts`: each distinct prompt runs once, and
-    gradients reach it from every response that shares it)."""
-    device = head.weight.device
+def _fused_logps(model, weight, batch: dict, bf16: bool, need_tokens: bool, pack: dict | None = None) -> dict:
+    """Log-probs from the final hidden states at the scored positions (``weight``: the output
+    layer's [V, H]), of the batch's rows or of their packed form (:func:`pack_prompts`: each
+    distinct prompt runs once, and gradients reach it from every response that shares it)."""
+    device = weight.device
     # The scored positions are found where the batch was built (on the CPU): indexing with
     # them needs no wait for the GPU, where a boolean mask would (its count decides the
     # output's size).
@@ -241,7 +280,7 @@ def _fused_logps(model, head, batch: dict, bf16: bool, need_tokens: bool, pack: 
         at, targets = (p["src_row"], p["src_pos"]), p["targets"]
     with autocast(device, bf16):
         hidden = final_hidden_states(model, inputs)  # [rows, width, H], after the final norm
-        values = LinearTokenLogps.apply(hidden[at], head.weight, targets, FUSED_CHUNK)
+        values = LinearTokenLogps.apply(hidden[at], weight, targets, FUSED_CHUNK)
     mask = scored.to(device)
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)
     result = {"sum": logps.sum(-1), "count": mask.sum(-1)}

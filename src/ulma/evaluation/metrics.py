@@ -16,7 +16,7 @@ import math
 import torch
 
 from ulma.data.tokenize import Units, packed_width, pad_rows
-from ulma.logprobs import forward_logps, reduce_logps
+from ulma.logprobs import cast_once, forward_logps, reduce_logps
 from ulma.losses import group_mean
 from ulma.methods import LossInputs
 
@@ -43,15 +43,18 @@ def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: li
     model.eval()
     done = []  # (rows, sums, counts), left on the device until the end: a copy to the CPU per
     # batch would make the CPU wait for the GPU every batch instead of queueing the next one
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        chunk = order[s : s + batch_size]
-        out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16, fused=fused, share_prompts=share_prompts)
-        done.append((chunk, out["sum"].float(), out["count"]))
+    with cast_once(model, bf16) as head_weight:
+        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False,
+                      dynamic_ncols=True):
+            chunk = order[s : s + batch_size]
+            out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16, fused=fused,
+                                share_prompts=share_prompts, head_weight=head_weight)
+            done.append((chunk, out["sum"].float(), out["count"]))
+        for _ in range(min_batches - math.ceil(len(order) / batch_size) if len(table) else 0):
+            forward_logps(model, pad_rows(table, [0], pad_id), bf16=bf16, fused=fused, head_weight=head_weight)
     for chunk, sums, counts in done:
         total[chunk] = sums.cpu()
         count[chunk] = counts.cpu()
-    for _ in range(min_batches - math.ceil(len(order) / batch_size) if len(table) else 0):
-        forward_logps(model, pad_rows(table, [0], pad_id), bf16=bf16, fused=fused)
     model.train(was_training)
     return {"sum": total, "count": count}
 
