@@ -214,3 +214,27 @@ def test_train_keys_a_loop_does_not_use_are_refused(method, key, tmp_path):
     with pytest.raises(ConfigError, match=rf"train\.{key.split('.')[1].split('=')[0]}: not used by method '{method}'"):
         validate(cfg)
     validate(load_config(None, [f"method.name={method}", f"train.output_dir={tmp_path}"]))  # the defaults pass
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_reward_and_ppo_optimizer_is_fused_adamw_with_the_main_schedule(fused):
+    """The reward and PPO loops' optimizer (rlhf.run.make_optimizer): torch's fused AdamW when
+    train.fused_optimizer is on, the per-tensor one when off; linear warmup then cosine, as
+    the main loop: lr 1e-3, 10 steps, warmup 0.2 -> steps 0, 1 at 5e-4 and 1e-3, then step s
+    at 1e-3 * 0.5 * (1 + cos(pi * (s - 2) / 8))."""
+    import math
+
+    from ulma.config import TrainConfig
+    from ulma.rlhf.run import make_optimizer
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    opt, sched = make_optimizer(params, TrainConfig(lr=1e-3, warmup_ratio=0.2, fused_optimizer=fused), 10)
+    assert isinstance(opt, torch.optim.AdamW) and bool(opt.defaults.get("fused")) is fused
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        params[0].grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    expected = [5e-4, 1e-3, 1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi / 8))]
+    assert lrs == pytest.approx(expected, rel=1e-9)
