@@ -98,11 +98,12 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @contextmanager
-def cast_once(model, bf16: bool):
+def cast_once(model, bf16: bool, fused: bool = True):
     """The context of a pass of many forward batches without gradients (reference log-probs,
     evaluation, perplexity): under bf16 autocast each float32 weight is cast to bf16 once
     for the pass instead of once a batch.  Yields the output layer's weight in bf16, for
-    :func:`forward_logps`'s ``head_weight`` (None: no fusable head, or nothing to do).
+    :func:`forward_logps`'s ``head_weight`` (None: not ``fused``, no fusable head, or
+    nothing to do).
 
     Autocast keeps its casts of weights that require gradients until its outermost context
     exits, so one context around the pass makes them last across its batches.  Frozen
@@ -118,14 +119,13 @@ def cast_once(model, bf16: bool):
     a time, and a cache would keep every layer's gathered weights for the whole pass.
     """
     params = list(model.parameters())
-    whole = all(type(p) in (torch.Tensor, torch.nn.Parameter) and not hasattr(p, "ds_id") for p in params)
-    if not (bf16 and params and whole):
+    if not (bf16 and params and all(_whole(p) for p in params)):
         yield None
         return
     if torch.is_grad_enabled():
         raise RuntimeError("cast_once is for passes without gradients (run it under torch.no_grad())")
     frozen = [p for p in params if not p.requires_grad and p.dtype == torch.float32]
-    head = fusable_head(model)
+    head = fusable_head(model) if fused else None
     try:
         for p in frozen:
             p.requires_grad_(True)
@@ -223,12 +223,17 @@ def fusable_head(model):
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
     w = head.weight
-    if type(w) not in (torch.Tensor, torch.nn.Parameter) or hasattr(w, "ds_id") or w.numel() == 0:
+    if not _whole(w) or w.numel() == 0:
         return None
     cfg = getattr(inner, "config", None)
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
         return None
     return head
+
+
+def _whole(t: torch.Tensor) -> bool:
+    """A tensor held whole here: not a shard (FSDP's DTensor, DeepSpeed ZeRO-3's partition)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and not hasattr(t, "ds_id")
 
 
 def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, fused: bool = True,

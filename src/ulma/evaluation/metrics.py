@@ -43,7 +43,7 @@ def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: li
     model.eval()
     done = []  # (rows, sums, counts), left on the device until the end: a copy to the CPU per
     # batch would make the CPU wait for the GPU every batch instead of queueing the next one
-    with cast_once(model, bf16) as head_weight:
+    with cast_once(model, bf16, fused) as head_weight:
         for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False,
                       dynamic_ncols=True):
             chunk = order[s : s + batch_size]
