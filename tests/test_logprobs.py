@@ -45,7 +45,8 @@ def test_logits_for_the_last_positions_only_give_the_same_result():
 # ------------------------------------------------------------------ the fused output layer
 
 
-def test_linear_token_logps_match_log_softmax_values_and_gradients():
+@pytest.mark.parametrize("chunks", [(3, 0), (2, 5), (5, 3)])  # (forward, backward); 0: the forward's
+def test_linear_token_logps_match_log_softmax_values_and_gradients(chunks):
     from ulma.logprobs import LinearTokenLogps
 
     torch.manual_seed(2)
@@ -56,7 +57,7 @@ def test_linear_token_logps_match_log_softmax_values_and_gradients():
     # second implementation: the full log-softmax over the vocabulary, autograd's gradients
     ref = torch.log_softmax(hidden @ weight.T, -1).gather(1, targets[:, None]).squeeze(1)
     gh, gw = torch.autograd.grad((ref * g).sum(), (hidden, weight))
-    out = LinearTokenLogps.apply(hidden, weight, targets, 3)  # 3 chunks: 3 + 3 + 1 positions
+    out = LinearTokenLogps.apply(hidden, weight, targets, *chunks)  # e.g. 3 chunks: 3 + 3 + 1 positions
     fh, fw = torch.autograd.grad((out * g).sum(), (hidden, weight))
     assert out.dtype == torch.float32 and torch.allclose(out.double(), ref, atol=1e-5)
     assert torch.allclose(fh, gh, atol=1e-10) and torch.allclose(fw, gw, atol=1e-10)
@@ -81,6 +82,17 @@ def test_linear_token_logps_under_bf16_autocast_match_the_bf16_products_log_soft
     assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5)
     # the backward's matrix products run in bf16 as well: bf16's 3 significant digits
     assert torch.allclose(fh, gh, rtol=2e-2, atol=2e-2) and torch.allclose(fw, gw, rtol=2e-2, atol=2e-2)
+
+
+def test_chunk_rows_keep_a_cpu_forward_chunk_under_24_mib_of_float32_logits():
+    from ulma.logprobs import chunk_rows
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert chunk_rows(cpu, 49152) == (128, 512)  # 24 MiB / (4 B x 49152) = 128 exactly (SmolLM2)
+    assert chunk_rows(cpu, 151936) == (41, 512)  # 25165824 / 607744 = 41.4 (Qwen2)
+    assert chunk_rows(cpu, 100) == (512, 512)  # a small vocabulary: never over FUSED_CHUNK
+    assert chunk_rows(cpu, 2_000_000) == (16, 512)  # never under 16 rows
+    assert chunk_rows(cuda, 49152) == (512, 512)
 
 
 THREE_ROWS = [("How do I bake bread?", "Mix flour, water, yeast and salt, then knead and bake."),
