@@ -39,6 +39,8 @@ PAIRS = [
     # the same setting on both sides, for memory and speed like for like.
     ("ulma-ulma-lora-checkpointed", "trl-kto-lora", "ULMA vs TRL KTOTrainer, LoRA r=8, both with gradient checkpointing"),
     ("ulma-ulma-full-checkpointed", "trl-kto-full", "ULMA vs TRL KTOTrainer, full fine-tuning, both with gradient checkpointing"),
+    ("ulma-ulma-full-checkpointed-inbwd", "trl-kto-full-unclipped",
+     "ULMA vs TRL KTOTrainer, full, both checkpointed and unclipped; ulma's AdamW applied in the backward"),
     ("ulma-dpo-full-checkpointed", "trl-dpo-full",
      "DPO vs TRL DPOTrainer (precomputed reference), full, both with gradient checkpointing"),
     ("forward-ulma", "forward-plain", "reference log-probs (ulma's default batch: 32 rows on CUDA, else 8) "

@@ -111,9 +111,10 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
 # ---------------------------------------------------------------------- TRL
 
 
-def run_trl(kind: str, lora: bool, data: Path, steps: int, work: Path, precompute: bool) -> dict:
+def run_trl(kind: str, lora: bool, data: Path, steps: int, work: Path, precompute: bool, **args) -> dict:
     """TRL's KTOTrainer / DPOTrainer on the same rows, batch, length and precision, otherwise
-    as shipped: TRL 1.13 turns gradient checkpointing on by default (recorded in the result)."""
+    as shipped: TRL 1.13 turns gradient checkpointing on by default (recorded in the result).
+    ``args``: other training arguments (e.g. max_grad_norm=0: no clipping)."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -132,7 +133,7 @@ def run_trl(kind: str, lora: bool, data: Path, steps: int, work: Path, precomput
                   learning_rate=LR, max_steps=steps, lr_scheduler_type="constant", logging_steps=10_000,
                   save_strategy="no", report_to=[], bf16=BF16, use_cpu=DEVICE.type == "cpu", max_length=MAX_LENGTH,
                   beta=BETA, precompute_ref_log_probs=precompute, dataloader_num_workers=0, seed=0,
-                  disable_tqdm=True)
+                  disable_tqdm=True, **args)
     if kind == "dpo":
         from trl import DPOConfig as Cfg, DPOTrainer as Base
     else:
@@ -303,6 +304,11 @@ WORKLOADS = {
                                                       train={"gradient_checkpointing": True}),
     "ulma-ulma-full-checkpointed": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
                                                       train={"gradient_checkpointing": True}),
+    # AdamW applied in the backward (train.optimizer_in_backward, off by default: a memory lever,
+    # without clipping), checkpointed, against TRL checkpointed (its default) and unclipped too
+    "ulma-ulma-full-checkpointed-inbwd": lambda a: run_ulma(
+        "ulma", False, a.data, a.steps, a.work,
+        train={"gradient_checkpointing": True, "optimizer_in_backward": True, "max_grad_norm": 0}),
     "ulma-ulma-lora-checkpointed-fp32-frozen": lambda a: run_ulma(
         "ulma", True, a.data, a.steps, a.work, train={"gradient_checkpointing": True, "bf16_frozen_weights": False}),
     "ulma-ulma-lora-unfused": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work, train={"fused_logps": False}),
@@ -328,6 +334,8 @@ WORKLOADS = {
     "ulma-dpo-lora-unshared": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work, train={"share_prompts": False}),
     "trl-kto-lora": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False),
     "trl-kto-full": lambda a: run_trl("kto", False, a.data, a.steps, a.work, precompute=False),
+    "trl-kto-full-unclipped": lambda a: run_trl("kto", False, a.data, a.steps, a.work, precompute=False,
+                                                max_grad_norm=0.0),
     "trl-dpo-lora": lambda a: run_trl("dpo", True, a.data, a.steps, a.work, precompute=False),
     "trl-dpo-full": lambda a: run_trl("dpo", False, a.data, a.steps, a.work, precompute=True),
     "forward-ulma": lambda a: run_forward("ulma", a.data, a.rows),

@@ -325,3 +325,83 @@ def test_log_every_rows_are_means_and_a_resumed_run_writes_the_same(tiny_model_d
     resumed = [r for r in metrics(c) if "loss" in r]
     assert [r["step"] for r in resumed] == [2, 3, 4, 5]
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_optimizer_in_backward_takes_the_steps_of_an_unclipped_run(fused, tiny_model_dir, pointwise_file, tmp_path):
+    """AdamW applied to each parameter inside the backward (its gradient then freed) makes
+    exactly the updates of a step after the whole backward, without clipping: full
+    fine-tuning (the output layer tied to the embedding: one update from both of its
+    uses), gradient checkpointing, 3 steps; equal losses, gradient norms and weights."""
+    common = ["method.name=ulma", "model.lora.enabled=false", "train.max_steps=3", "train.lr=1e-2",
+              "train.grad_accum=1", "train.max_grad_norm=0", "train.gradient_checkpointing=true",
+              f"train.fused_optimizer={fused}"]
+    for on in ("true", "false"):
+        t = Trainer(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / on, *common, f"train.optimizer_in_backward={on}"))
+        assert (t.in_backward is not None) is (on == "true")
+        ref, _ = t._reference_caches()
+        t.model.train()
+        row = t.train_step(0, ref)
+        # in the backward: no gradient is left at the end; otherwise freed by zero_grad too
+        assert all(p.grad is None for p in t.model.parameters()) and not row["skipped"]
+        t.run()  # resumes nothing: a fresh run of 3 steps from the same start
+    ma, mb = metrics(tmp_path / "true"), metrics(tmp_path / "false")
+    la, lb = [r["loss"] for r in ma if "loss" in r], [r["loss"] for r in mb if "loss" in r]
+    assert len(la) == 3 and la == pytest.approx(lb, rel=1e-6) and la[0] != la[2]
+    ga, gb = [r["grad_norm"] for r in ma if "loss" in r], [r["grad_norm"] for r in mb if "loss" in r]
+    assert ga == pytest.approx(gb, rel=1e-5) and max(ga) > 1.0  # unclipped: a clip at 1 would have changed the steps
+    wa, wb = (load_file(tmp_path / on / "final" / "model.safetensors") for on in ("true", "false"))
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-7), k
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_backward_step_leaves_a_parameter_whose_gradient_is_not_finite(fused):
+    """One parameter's gradient is NaN: it and its AdamW step count stay as they were,
+    the other takes AdamW's first step, by hand: w - lr * sign(g) (m / sqrt(v) = g / |g|)."""
+    from ulma.backward_step import BackwardStep
+
+    a, b = torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([3.0, -4.0]))
+    opt = torch.optim.AdamW([a, b], lr=0.1, weight_decay=0.0, eps=1e-12, **({"fused": True} if fused else {}))
+    hook = BackwardStep(opt, [a, b], fused=fused)
+    b.register_hook(lambda g: torch.full_like(g, float("nan")))  # runs before b's gradient is accumulated
+    ((a * torch.tensor([2.0, -3.0])).sum() + (b * b).sum()).backward()
+    norm, left = hook.finish()
+    assert left == 1 and not torch.isfinite(norm)
+    assert torch.allclose(a.detach(), torch.tensor([1.0 - 0.1, 2.0 + 0.1]))
+    assert torch.equal(b.detach(), torch.tensor([3.0, -4.0]))
+    assert a.grad is None and b.grad is None
+    assert float(opt.state[a]["step"]) == 1 and float(opt.state.get(b, {}).get("step", 0)) == 0
+    hook.remove()
+
+
+def test_optimizer_in_backward_refuses_what_needs_every_gradient_first(tiny_model_dir, pointwise_file, tmp_path):
+    from ulma.config import ConfigError, validate
+
+    def check(*extra):
+        validate(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path, *extra))
+
+    check("train.optimizer_in_backward=true", "train.max_grad_norm=0", "train.grad_accum=1")  # passes
+    check("train.max_grad_norm=null")  # no clipping, spelled the other way
+    with pytest.raises(ConfigError, match="train.optimizer_in_backward: needs train.grad_accum: 1"):
+        check("train.optimizer_in_backward=true", "train.max_grad_norm=0")  # tiny_cfg's grad_accum=2
+    with pytest.raises(ConfigError, match="train.optimizer_in_backward: needs train.max_grad_norm: 0"):
+        check("train.optimizer_in_backward=true", "train.grad_accum=1")  # the default max_grad_norm 1.0
+    with pytest.raises(ConfigError, match="train.max_grad_norm: must be > 0, or 0 / null for no clipping"):
+        check("train.max_grad_norm=-1")
+
+
+def test_a_checkpointed_training_forward_keeps_no_autocast_cache(tiny_model_dir):
+    """With gradient checkpointing, the training forward runs autocast without its cache
+    (the cached casts would outlive the layers that dropped theirs); forwards without
+    gradients and unchecked models keep it."""
+    from transformers import AutoModelForCausalLM
+
+    from ulma.logprobs import forward_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert forward_cache(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not forward_cache(model)
+    with torch.no_grad():
+        assert forward_cache(model)

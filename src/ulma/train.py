@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ulma import checkpoint as ckpt
-from ulma.config import Config, to_dict, validate
+from ulma.backward_step import BackwardStep
+from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import prepare
 from ulma.data.tokenize import collate
 from ulma.evaluation.metrics import evaluate, table_logps
@@ -270,8 +271,15 @@ class Trainer:
         if self.deepspeed:  # no dataloader goes through prepare() to tell DeepSpeed the batch size
             ds = self.acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-            ds["gradient_clipping"] = t.max_grad_norm  # DeepSpeed clips inside its engine
+            ds["gradient_clipping"] = t.max_grad_norm or 0.0  # DeepSpeed clips inside its engine (0: not)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.in_backward = None
+        if t.optimizer_in_backward:
+            if self.acc.num_processes > 1 or self.fsdp or self.deepspeed:
+                raise ConfigError("train.optimizer_in_backward: one process only (gradients are applied in the "
+                                  "backward, before any all-reduce of them across processes)")
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
+            self.in_backward = BackwardStep(inner, params, fused=bool(inner.defaults.get("fused")))
 
     def _micro_per_epoch(self) -> int:
         size = self.cfg.train.micro_batch_size * self.acc.num_processes
@@ -383,16 +391,22 @@ class Trainer:
         return {**stats, **{k: float(v) for k, v in zip(keys, summed.tolist())}}
 
     def _apply_update(self, stats: dict) -> dict:
-        t = self.cfg.train
-        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
-        if grad_norm is None:  # DeepSpeed clips inside its engine and may not report the norm
-            grad_norm = float("nan")
-            finite = math.isfinite(stats["loss"])
+        """Clip, step and schedule (a step whose loss or gradient norm is not finite is
+        skipped); with ``train.optimizer_in_backward`` the updates were applied in the
+        backward already, and a parameter with a non-finite gradient kept its weights."""
+        if self.in_backward is not None:
+            grad_norm, left = self.in_backward.finish()
+            finite = math.isfinite(stats["loss"]) and not left and bool(torch.isfinite(grad_norm))
         else:
-            finite = math.isfinite(stats["loss"]) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if finite:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm or math.inf)
+            if grad_norm is None:  # DeepSpeed clips inside its engine and may not report the norm
+                grad_norm = float("nan")
+                finite = math.isfinite(stats["loss"])
+            else:
+                finite = math.isfinite(stats["loss"]) and bool(torch.isfinite(torch.as_tensor(grad_norm)))
+            if finite:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {
             "loss": stats["loss"],

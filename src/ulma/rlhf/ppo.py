@@ -308,7 +308,7 @@ class PPOTrainer:
                 for k in sums:
                     sums[k] += stats[k]
                 tokens += n_tok
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm or math.inf)
                 bad = non_finite(norm, stats["policy_loss"], stats["value_loss"])
                 if not bad:
                     self.optimizer.step()

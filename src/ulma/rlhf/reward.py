@@ -308,7 +308,7 @@ class RewardTrainer:
             if self.loss == "bradley_terry":
                 correct += int((scores[: len(mb)] > scores[len(mb) :]).sum())
                 pairs += len(mb)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), t.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), t.max_grad_norm or math.inf)
         skipped = non_finite(total, grad_norm)
         if not skipped:
             self.optimizer.step()
