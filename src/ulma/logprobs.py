@@ -216,9 +216,9 @@ class LinearTokenLogps(torch.autograd.Function):
             d_logits = p.mul_(-grad[s : s + ctx.chunk, None]).to(ctx.dt)  # dL/dlogits = g * (onehot - softmax)
             if grad_h is not None:
                 grad_h[s : s + ctx.chunk] = (d_logits @ w).to(hidden.dtype)
-            if ctx.needs_input_grad[1]:
-                part = (d_logits.T @ h).float()
-                grad_w = part if grad_w is None else grad_w.add_(part)
+            if ctx.needs_input_grad[1]:  # the product added as it is (bf16 into float32): no float32 copy
+                part = d_logits.T @ h
+                grad_w = part.float() if grad_w is None else grad_w.add_(part)
         return grad_h, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None, None
 
 
