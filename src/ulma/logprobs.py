@@ -347,15 +347,39 @@ def final_hidden_states(model, inputs: dict) -> torch.Tensor:
     layer (``train.compile``) would break into pieces at each of them."""
     decoder = _decoder(model)
     if decoder is None:
-        return model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        with _no_logits(model):
+            return model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     seen = []
     handle = decoder.register_forward_hook(lambda module, args, out: seen.append(out))
     try:
-        model(**inputs, use_cache=False, logits_to_keep=1)
+        with _no_logits(model):
+            model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
     out = seen[-1]
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+@contextmanager
+def _no_logits(model):
+    """The model's output layer returns empty logits [..., 0] for the call: its one-position
+    logits are not wanted (the fused layer takes log-probs from the hidden states), and
+    under autocast computing them cast its whole weight to bf16 (a frozen weight is not
+    cached: for SmolLM2's tied 49k x 576 layer ~85 ms a LoRA step on a 2-core CPU).  The
+    module is still called, so hooks on it (DeepSpeed's, FSDP's) run as they would."""
+    head = fusable_head(model)
+    if head is None or "forward" in vars(head):
+        yield
+        return
+    head.forward = _empty_logits
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _empty_logits(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden.new_zeros(hidden.shape[:-1] + (0,))
 
 
 def _decoder(model):
