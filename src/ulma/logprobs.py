@@ -365,7 +365,8 @@ def _no_logits(model):
     """The model's output layer returns empty logits [..., 0] for the call: its one-position
     logits are not wanted (the fused layer takes log-probs from the hidden states), and
     under autocast computing them cast its whole weight to bf16 (a frozen weight is not
-    cached: for SmolLM2's tied 49k x 576 layer ~85 ms a LoRA step on a 2-core CPU).  The
+    cached: for SmolLM2's tied 49k x 576 layer 30 ms warm, ~85 ms cold, a LoRA step on a
+    2-core CPU).  The
     module is still called, so hooks on it (DeepSpeed's, FSDP's) run as they would."""
     head = fusable_head(model)
     if head is None or "forward" in vars(head):
