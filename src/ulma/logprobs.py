@@ -366,8 +366,7 @@ def _no_logits(model):
     logits are not wanted (the fused layer takes log-probs from the hidden states), and
     under autocast computing them cast its whole weight to bf16 (a frozen weight is not
     cached: for SmolLM2's tied 49k x 576 layer 30 ms warm, ~85 ms cold, a LoRA step on a
-    2-core CPU).  The
-    module is still called, so hooks on it (DeepSpeed's, FSDP's) run as they would."""
+    2-core CPU).  The module is still called, so hooks on it (DeepSpeed's, FSDP's) run."""
     head = fusable_head(model)
     if head is None or "forward" in vars(head):
         yield
