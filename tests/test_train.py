@@ -327,13 +327,15 @@ def test_log_every_rows_are_means_and_a_resumed_run_writes_the_same(tiny_model_d
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
 
 
-@pytest.mark.parametrize("fused", ["true", "false"])
-def test_optimizer_in_backward_takes_the_steps_of_an_unclipped_run(fused, tiny_model_dir, pointwise_file, tmp_path):
+@pytest.mark.parametrize("fused,lora", [("true", "false"), ("false", "false"), ("true", "true")])
+def test_optimizer_in_backward_takes_the_steps_of_an_unclipped_run(fused, lora, tiny_model_dir, pointwise_file,
+                                                                   tmp_path):
     """AdamW applied to each parameter inside the backward (its gradient then freed) makes
     exactly the updates of a step after the whole backward, without clipping: full
     fine-tuning (the output layer tied to the embedding: one update from both of its
-    uses), gradient checkpointing, 3 steps; equal losses, gradient norms and weights."""
-    common = ["method.name=ulma", "model.lora.enabled=false", "train.max_steps=3", "train.lr=1e-2",
+    uses) or LoRA's adapters, gradient checkpointing, 3 steps; equal losses, gradient
+    norms and weights."""
+    common = ["method.name=ulma", f"model.lora.enabled={lora}", "train.max_steps=3", "train.lr=1e-2",
               "train.grad_accum=1", "train.max_grad_norm=0", "train.gradient_checkpointing=true",
               f"train.fused_optimizer={fused}"]
     for on in ("true", "false"):
@@ -350,7 +352,9 @@ def test_optimizer_in_backward_takes_the_steps_of_an_unclipped_run(fused, tiny_m
     assert len(la) == 3 and la == pytest.approx(lb, rel=1e-6) and la[0] != la[2]
     ga, gb = [r["grad_norm"] for r in ma if "loss" in r], [r["grad_norm"] for r in mb if "loss" in r]
     assert ga == pytest.approx(gb, rel=1e-5) and max(ga) > 1.0  # unclipped: a clip at 1 would have changed the steps
-    wa, wb = (load_file(tmp_path / on / "final" / "model.safetensors") for on in ("true", "false"))
+    name = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
+    wa, wb = (load_file(tmp_path / on / "final" / name) for on in ("true", "false"))
+    assert len(wa) == (2 * 4 * 2 if lora == "true" else len(wa))  # LoRA: A and B of 4 projections x 2 layers
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=1e-7), k
 
