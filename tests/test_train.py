@@ -409,3 +409,29 @@ def test_a_checkpointed_training_forward_keeps_no_autocast_cache(tiny_model_dir)
     assert not forward_cache(model)
     with torch.no_grad():
         assert forward_cache(model)
+
+
+def test_the_checkpointed_bf16_forward_without_cache_or_head_logits_changes_no_result(
+        tiny_model_dir, pointwise_file, tmp_path, monkeypatch):
+    """Under bf16 autocast with gradient checkpointing the training forward keeps no cache
+    of weight casts, and the model's own output layer returns empty logits: both on by
+    default. With them switched off (the cache kept, the one-position logits computed) a
+    step gives the same loss and gradient norm, bit for bit (the same casts, and the
+    logits were never read)."""
+    from contextlib import nullcontext
+
+    import ulma.logprobs as lp
+
+    common = ["method.name=ulma", "model.lora.enabled=false", "train.max_steps=1", "train.bf16=true",
+              "train.gradient_checkpointing=true"]
+    rows = []
+    for off in (False, True):
+        if off:
+            monkeypatch.setattr(lp, "forward_cache", lambda model: True)
+            monkeypatch.setattr(lp, "_no_logits", lambda model: nullcontext())
+        t = Trainer(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / str(off), *common))
+        assert t.bf16
+        ref, _ = t._reference_caches()
+        t.model.train()
+        rows.append(t.train_step(0, ref))
+    assert rows[0]["loss"] == rows[1]["loss"] and rows[0]["grad_norm"] == rows[1]["grad_norm"]
