@@ -206,7 +206,8 @@ def test_gradient_checkpointing_changes_no_reward_result(tiny_model_dir, tmp_pat
 
 @pytest.mark.parametrize("method,key", [("reward", "train.compile=true"), ("reward", "train.forward_batch_size=4"),
                                         ("rlhf", "train.gradient_checkpointing=true"),
-                                        ("rlhf", "train.group_by_length=false")])
+                                        ("rlhf", "train.group_by_length=false"),
+                                        ("reward", "train.optimizer_in_backward=true")])
 def test_train_keys_a_loop_does_not_use_are_refused(method, key, tmp_path):
     from ulma.config import validate
 

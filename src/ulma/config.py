@@ -270,6 +270,7 @@ def to_dict(cfg) -> dict:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type cannot express."""
+    _refuse_unused(cfg)  # first: a key the method's loop ignores is the error, not its other conditions
     t = cfg.train
     checks = [
         (t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1"),
@@ -300,7 +301,6 @@ def validate(cfg: Config) -> None:
             f"method.name: unknown method {cfg.method.name!r}; choose one of {sorted(METHODS) + sorted(TRAINERS)}"
         )
     _validate_rlhf(cfg)
-    _refuse_unused(cfg)
 
 
 # train.* keys the reward and PPO loops (their own loops, one process) do not use: a value
