@@ -127,8 +127,9 @@ def cast_once(model, bf16: bool, fused: bool = True):
     change.  Memory: a forward already holds the casts of trainable weights to its end;
     frozen float32 weights' casts (2 bytes a parameter) now last the pass instead of one
     product (none where frozen Linears are stored in bf16, ``train.bf16_frozen_weights``,
-    the default; the tied 49k x 576 output layer of SmolLM2: 57 MB).  Measured on a 2-core AVX512-BF16 CPU (SmolLM2-135M, 96 rows in batches of 8):
-    casts took ~1.3 s of a ~10.5 s pass, the 49k x 576 output layer's ~45 ms a batch.
+    the default; the tied 49k x 576 output layer of SmolLM2: 57 MB).  Measured on a 2-core
+    AVX512-BF16 CPU (SmolLM2-135M, 96 rows in batches of 8): casts took ~1.3 s of a ~10.5 s
+    pass, the 49k x 576 output layer's ~45 ms a batch.
     Nothing is done where weights are sharded (FSDP, ZeRO-3): they are gathered a layer at
     a time, and a cache would keep every layer's gathered weights for the whole pass.
     """
@@ -291,7 +292,7 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
         if share_prompts and _can_share(model):
             pack = pack_prompts(batch, int(getattr(_config(model), "hidden_size", 0) or 0))
         weight = head.weight if head_weight is None else head_weight
-        return _fused_logps(model, weight, batch, bf16, need_tokens, pack)
+        return _fused_logps(model, head, weight, batch, bf16, need_tokens, pack)
     device = next(model.parameters()).device
     with autocast(device, bf16, forward_cache(model)):
         logits = model(
@@ -307,10 +308,11 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     return out
 
 
-def _fused_logps(model, weight, batch: dict, bf16: bool, need_tokens: bool, pack: dict | None = None) -> dict:
-    """Log-probs from the final hidden states at the scored positions (``weight``: the output
-    layer's [V, H]), of the batch's rows or of their packed form (:func:`pack_prompts`: each
-    distinct prompt runs once, and gradients reach it from every response that shares it)."""
+def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool, pack: dict | None = None) -> dict:
+    """Log-probs from the final hidden states at the scored positions (``head``: the output
+    layer, :func:`fusable_head`; ``weight``: its [V, H] weight, maybe already cast), of the
+    batch's rows or of their packed form (:func:`pack_prompts`: each distinct prompt runs
+    once, and gradients reach it from every response that shares it)."""
     device = weight.device
     # The scored positions are found where the batch was built (on the CPU): indexing with
     # them needs no wait for the GPU, where a boolean mask would (its count decides the
@@ -326,7 +328,7 @@ def _fused_logps(model, weight, batch: dict, bf16: bool, need_tokens: bool, pack
         inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids")}
         at, targets = (p["src_row"], p["src_pos"]), p["targets"]
     with autocast(device, bf16, forward_cache(model)):
-        hidden = final_hidden_states(model, inputs)  # [rows, width, H], after the final norm
+        hidden = final_hidden_states(model, inputs, head)  # [rows, width, H], after the final norm
         values = LinearTokenLogps.apply(hidden[at], weight, targets, *chunk_rows(device, weight.shape[0]))
     mask = scored.to(device)
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)
@@ -336,38 +338,38 @@ def _fused_logps(model, weight, batch: dict, bf16: bool, need_tokens: bool, pack
     return result
 
 
-def final_hidden_states(model, inputs: dict) -> torch.Tensor:
+def final_hidden_states(model, inputs: dict, head=None) -> torch.Tensor:
     """The decoder's last hidden states [rows, width, H] (after the final norm) for ``inputs``,
     from a call of the whole ``model`` (through any DDP / DeepSpeed wrapper, whose forward
-    must run) that computes its own logits at one position only.
+    must run) that computes its own logits at one position only, or none where ``head``, its
+    output layer, is given (:func:`_no_logits`).
 
     They are taken by a forward hook on the decoder module (``get_decoder()``), not with
     ``output_hidden_states=True``: that installs Hugging Face's output-capturing hooks on
     every layer, which read a ContextVar that ``torch.compile`` cannot trace, so a compiled
     layer (``train.compile``) would break into pieces at each of them."""
     decoder = _decoder(model)
-    if decoder is None:
-        with _no_logits(model):
+    with _no_logits(head):
+        if decoder is None:
             return model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    seen = []
-    handle = decoder.register_forward_hook(lambda module, args, out: seen.append(out))
-    try:
-        with _no_logits(model):
+        seen = []
+        handle = decoder.register_forward_hook(lambda module, args, out: seen.append(out))
+        try:
             model(**inputs, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
+        finally:
+            handle.remove()
     out = seen[-1]
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
 @contextmanager
-def _no_logits(model):
-    """The model's output layer returns empty logits [..., 0] for the call: its one-position
-    logits are not wanted (the fused layer takes log-probs from the hidden states), and
-    under autocast computing them cast its whole weight to bf16 (a frozen weight is not
-    cached: for SmolLM2's tied 49k x 576 layer 30 ms warm, ~85 ms cold, a LoRA step on a
-    2-core CPU).  The module is still called, so hooks on it (DeepSpeed's, FSDP's) run."""
-    head = fusable_head(model)
+def _no_logits(head):
+    """The output layer ``head`` (None: nothing is done) returns empty logits [..., 0] for
+    the call: its one-position logits are not wanted (the fused layer takes log-probs from
+    the hidden states), and under autocast computing them cast its whole weight to bf16 (a
+    frozen weight is not cached: for SmolLM2's tied 49k x 576 layer 30 ms warm, ~85 ms cold,
+    a LoRA step on a 2-core CPU).  The module is still called, so hooks on it (DeepSpeed's,
+    FSDP's) run."""
     if head is None or "forward" in vars(head):
         yield
         return
