@@ -149,11 +149,18 @@ def test_fused_output_layer_equals_the_models_logits(tiny_model_dir, tokenizer):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max())), n
 
 
-def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer):
+@pytest.mark.parametrize("packing", ["segments", "mask"])
+def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer, monkeypatch, packing):
     """Rows that share a prompt (a pair's chosen and rejected), packed as [prompt, response,
     response] with the prompt run once, give the log-probs, per-token log-probs and trainable
-    gradients of the model's own logits over each whole row; LoRA and full fine-tuning."""
+    gradients of the model's own logits over each whole row; LoRA and full fine-tuning.
+    ``segments``: the whole batch as one row without padding, attention block by block (a
+    CPU's packing); ``mask``: one padded row a prompt under a [W, W] mask (a GPU's)."""
+    import ulma.logprobs as lp
     from ulma.logprobs import forward_logps, pack_prompts
+
+    if packing == "mask":
+        monkeypatch.setattr(lp, "use_segments", lambda model, device: False)
 
     bread, hi = "How do I bake bread?", "Hi"
     rows = [(bread, "Mix flour, water, yeast and salt, then knead and bake."), (hi, "Hello! How can I help?"),
@@ -181,7 +188,7 @@ def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer):
         model = _tiny_policy(tiny_model_dir, lora)
         inner = model.get_base_model().model if lora else model.model
         results, grads, calls = [], [], []
-        hook = inner.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[0]),
+        hook = inner.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
                                                with_kwargs=True)
         for fused, share in ((True, True), (False, False)):
             model.zero_grad()
@@ -190,7 +197,10 @@ def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer):
             results.append(out)
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
         hook.remove()
-        assert calls == [3, 5]  # packed: 3 rows; whole rows: 5
+        # packed: one row without padding (the 5 rows' tokens less 2 prompts), or 3 padded rows
+        # of one prompt each; whole rows: 5
+        tokens = sum(widths)
+        assert calls == ([(1, tokens), (5, ids.shape[1])] if packing == "segments" else [(3, max(widths)), (5, ids.shape[1])])
         s, w = results
         assert torch.equal(s["count"], w["count"])
         assert torch.allclose(s["sum"], w["sum"], rtol=1e-5, atol=1e-4)

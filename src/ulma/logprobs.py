@@ -289,7 +289,9 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     head = fusable_head(model) if fused else None
     if head is not None:
         pack = None
-        if share_prompts and _can_share(model):
+        if use_segments(model, head.weight.device):
+            pack = pack_segments(batch, share_prompts)
+        elif share_prompts and _can_share(model):
             pack = pack_prompts(batch, int(getattr(_config(model), "hidden_size", 0) or 0))
         weight = head.weight if head_weight is None else head_weight
         return _fused_logps(model, head, weight, batch, bf16, need_tokens, pack)
@@ -324,8 +326,10 @@ def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool
         inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}
         at, targets = (rows, cols), ids[rows, cols + 1]
     else:  # the same scored tokens, in the same order
-        p = {k: v.to(device, non_blocking=True) for k, v in pack.items()}
+        p = {k: v.to(device, non_blocking=True) for k, v in pack.items() if k != "segments"}
         inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids")}
+        if "segments" in pack:
+            inputs["segments"] = pack["segments"]
         at, targets = (p["src_row"], p["src_pos"]), p["targets"]
     with autocast(device, bf16, forward_cache(model)):
         hidden = final_hidden_states(model, inputs, head)  # [rows, width, H], after the final norm
@@ -403,8 +407,10 @@ def _config(model):
 
 def _can_share(model) -> bool:
     """Packed prompts need a custom [B, 1, W, W] attention mask, which Hugging Face models
-    take as it is with PyTorch's scaled-dot-product attention (not eager or flash-attn)."""
-    return getattr(_config(model), "_attn_implementation", None) == "sdpa"
+    take as it is with PyTorch's scaled-dot-product attention (not eager or flash-attn), and
+    then apply no sliding window of their own."""
+    config = _config(model)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "ulma_sdpa") and not _sliding(config)
 
 
 def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
@@ -461,3 +467,83 @@ def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
     return {"input_ids": packed, "position_ids": positions, "attention_mask": mask[:, None],
             "src_row": home[rows], "src_pos": src_pos, "targets": ids[rows, token]}
 
+
+
+def use_segments(model, device: torch.device) -> bool:
+    """Whether batches for ``model`` are packed into one row without padding and run with
+    :mod:`ulma.attention`'s block-by-block attention (installing it): on a CPU, for a model
+    on PyTorch's scaled-dot-product attention without sliding windows, and whose layers
+    are not compiled (``train.compile``: a graph traced through one batch's blocks would
+    be traced again for every batch).  On a GPU a layer's one masked kernel is cheaper
+    than a batch's dozens of small ones, which would be bound by launches."""
+    from ulma.attention import install
+
+    config = _config(model)
+    if device.type != "cpu" or getattr(config, "_attn_implementation", None) not in ("sdpa", "ulma_sdpa"):
+        return False
+    if _sliding(config) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
+        return False
+    return install(model)
+
+
+def _sliding(config) -> bool:
+    """A model with sliding-window layers (Mistral; Qwen2 with ``use_sliding_window``): its
+    windows are a mask the packed forms do not build."""
+    if getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False:
+        return False
+    return "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"])
+
+
+def pack_segments(batch: dict, share_prompts: bool = True) -> dict | None:
+    """A right-padded batch as one row [1, T] without padding, for :mod:`ulma.attention`.
+
+    Each group of rows with one prompt (``share_prompts``; else each row alone) lies as
+    [prompt, response_1, ..., response_k]: the prompt and the first response are one causal
+    block, each later response a block that sees the prompt and itself (causally), at the
+    positions that continue the prompt.  A row's prompt is its tokens before the first
+    scored one (``loss_mask``, from position 1).  Rows with nothing scored are left out:
+    no scored token needs them.
+
+    Returns CPU tensors input_ids / position_ids / attention_mask (all ones) [1, T],
+    ``segments`` (:class:`ulma.attention.Segments`), and for the M scored tokens of the
+    batch, in the row-major order of ``loss_mask[:, 1:]``: src_row (zeros) / src_pos [M],
+    the packed position whose hidden state scores the token, and targets [M].
+    """
+    from ulma.attention import Segments
+
+    ids, length = batch["input_ids"], batch["attention_mask"].sum(1).tolist()
+    scored = batch["loss_mask"][:, 1:].bool()
+    # first scored token of each row (position c of scored is token c + 1); -1: none
+    first = torch.where(scored.any(1), scored.int().argmax(1) + 1, -1).tolist()
+    groups: dict = {}
+    for i, f in enumerate(first):
+        if f > 0:
+            groups.setdefault(tuple(ids[i, :f].tolist()) if share_prompts else i, []).append(i)
+    if not groups:
+        return None  # nothing scored: the rows run as they are
+    pieces, positions, blocks = [], [], []
+    prompt_at, response_at = [0] * len(first), [0] * len(first)
+    t = 0
+    for rows in groups.values():
+        f0 = first[rows[0]]
+        prompt_at_group = t
+        pieces.append(ids[rows[0], :f0])
+        positions.append(torch.arange(f0))
+        t += f0
+        for k, i in enumerate(rows):
+            f, m = first[i], length[i] - first[i]
+            pieces.append(ids[i, f : f + m])
+            positions.append(torch.arange(f, f + m))
+            prompt_at[i], response_at[i] = prompt_at_group, t
+            blocks.append((prompt_at_group, t + m, prompt_at_group, prompt_at_group) if k == 0
+                          else (t, t + m, prompt_at_group, prompt_at_group + f))
+            t += m
+    rows, cols = scored.nonzero(as_tuple=True)
+    token = cols + 1
+    f = torch.tensor(first)[rows]
+    src_pos = torch.where(token == f, torch.tensor(prompt_at)[rows] + f - 1,
+                          torch.tensor(response_at)[rows] + token - 1 - f)
+    packed = torch.cat(pieces)[None]
+    return {"input_ids": packed, "position_ids": torch.cat(positions)[None],
+            "attention_mask": torch.ones_like(packed), "segments": Segments(tuple(blocks)),
+            "src_row": torch.zeros_like(rows), "src_pos": src_pos, "targets": ids[rows, token]}
