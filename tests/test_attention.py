@@ -58,26 +58,28 @@ def test_segment_attention_refuses_what_it_does_not_implement():
 
 
 def test_pack_segments_lays_out_a_batch_by_hand():
-    """Rows (pad 0): A = [7, 10, 11, 12] and B = [7, 20, 21] share the prompt [7];
-    C = [8, 9, 30, 0] has prompt [8, 9]; D scores nothing (left out).  Scored from position 1."""
-    ids = torch.tensor([[7, 10, 11, 12], [7, 20, 21, 0], [8, 9, 30, 0], [5, 6, 0, 0]])
-    attn = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 0, 0]])
-    loss = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
-    p = pack_segments({"input_ids": ids, "attention_mask": attn, "loss_mask": loss})
-    # [7 | 10 11 12 | 20 21 | 8 9 | 30]
-    assert p["input_ids"].tolist() == [[7, 10, 11, 12, 20, 21, 8, 9, 30]]
-    assert p["position_ids"].tolist() == [[0, 1, 2, 3, 1, 2, 0, 1, 2]]
-    assert p["attention_mask"].tolist() == [[1] * 9]
-    assert p["segments"].blocks == ((0, 4, 0, 0), (4, 6, 0, 1), (6, 9, 6, 6))
-    # scored tokens in row-major order: A's 10 11 12 from 0 1 2; B's 20 from 0 (the prompt),
-    # 21 from 4; C's 30 from 7
-    assert p["targets"].tolist() == [10, 11, 12, 20, 21, 30]
-    assert p["src_pos"].tolist() == [0, 1, 2, 0, 4, 7] and p["src_row"].tolist() == [0] * 6
-    alone = pack_segments({"input_ids": ids, "attention_mask": attn, "loss_mask": loss}, share_prompts=False)
-    assert alone["input_ids"].tolist() == [[7, 10, 11, 12, 7, 20, 21, 8, 9, 30]]
-    assert alone["segments"].blocks == ((0, 4, 0, 0), (4, 7, 4, 4), (7, 10, 7, 7))
-    assert alone["src_pos"].tolist() == [0, 1, 2, 4, 5, 8]
-    assert pack_segments({"input_ids": ids[3:], "attention_mask": attn[3:], "loss_mask": loss[3:]}) is None
+    """Rows (pad 0), scored from position 1: A = [7, 10, 11, 12], B = [7, 20, 21] and
+    E = [7, 40] share the prompt [7]; C = [8, 9, 30] has prompt [8, 9]; D scores nothing (left
+    out).  A row's last token is a target only, so it is not packed: A keeps 7 10 11, B 20,
+    C and E nothing after their prompts."""
+    ids = torch.tensor([[7, 10, 11, 12], [7, 20, 21, 0], [8, 9, 30, 0], [5, 6, 0, 0], [7, 40, 0, 0]])
+    attn = (ids > 0).long()
+    loss = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    p = pack_segments(batch)
+    assert p["input_ids"].tolist() == [[7, 10, 11, 20, 8, 9]]  # [7 10 11 | 20 | 8 9]
+    assert p["position_ids"].tolist() == [[0, 1, 2, 1, 0, 1]]
+    assert p["attention_mask"].tolist() == [[1] * 6]
+    assert p["segments"].blocks == ((0, 3, 0, 0), (3, 4, 0, 1), (4, 6, 4, 4))  # E: no block
+    # scored tokens, row-major: A's 10 11 12 from 0 1 2; B's 20 from 0 (the prompt), 21 from 3;
+    # C's 30 from 5; E's 40 from 0
+    assert p["targets"].tolist() == [10, 11, 12, 20, 21, 30, 40]
+    assert p["src_pos"].tolist() == [0, 1, 2, 0, 3, 5, 0] and p["src_row"].tolist() == [0] * 7
+    alone = pack_segments(batch, share_prompts=False)  # [7 10 11 | 7 20 | 8 9 | 7]
+    assert alone["input_ids"].tolist() == [[7, 10, 11, 7, 20, 8, 9, 7]]
+    assert alone["segments"].blocks == ((0, 3, 0, 0), (3, 5, 3, 3), (5, 7, 5, 5), (7, 8, 7, 7))
+    assert alone["src_pos"].tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert pack_segments({k: v[3:4] for k, v in batch.items()}) is None
 
 
 def test_the_installed_attention_is_sdpa_without_segments(tiny_model_dir, tmp_path):

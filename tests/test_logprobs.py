@@ -197,9 +197,9 @@ def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer, monkeypatch,
             results.append(out)
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
         hook.remove()
-        # packed: one row without padding (the 5 rows' tokens less 2 prompts), or 3 padded rows
-        # of one prompt each; whole rows: 5
-        tokens = sum(widths)
+        # packed: one row without padding (the 5 rows' tokens less 2 repeated prompts and each
+        # row's last token, a target only), or 3 padded rows of one prompt each; whole rows: 5
+        tokens = sum(widths) - 5
         assert calls == ([(1, tokens), (5, ids.shape[1])] if packing == "segments" else [(3, max(widths)), (5, ids.shape[1])])
         s, w = results
         assert torch.equal(s["count"], w["count"])

@@ -207,7 +207,8 @@ def test_shared_prompts_change_no_result(tiny_model_dir, pair_file, tmp_path):
         t = Trainer(tiny_cfg(tiny_model_dir, pair_file, tmp_path / on, *common, f"train.share_prompts={on}"))
         refs.append(t._reference_caches()[0])
         if on == "true":  # each model call in step 0 (a micro-batch of 2 pairs, then one of 4) runs
-            seen = []  # one row without padding: the micro-batch's tokens, each pair's prompt once
+            seen = []  # one row without padding: the micro-batch's tokens, each pair's prompt once,
+            # and no row's last token (a target only)
             hook = t.model.get_base_model().model.register_forward_pre_hook(
                 lambda m, a, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
             t.train_step(0, refs[-1])
@@ -218,7 +219,7 @@ def test_shared_prompts_change_no_result(tiny_model_dir, pair_file, tmp_path):
                 prompts = b["loss_mask"].int().argmax(1)  # first response token = prompt length
                 chosen, rejected = prompts[: len(mb)], prompts[len(mb) :]  # rows: chosen..., rejected...
                 assert torch.equal(chosen, rejected)
-                want.append((1, int(b["attention_mask"].sum() - chosen.sum())))
+                want.append((1, int(b["attention_mask"].sum() - chosen.sum()) - 2 * len(mb)))  # and last tokens
             assert [len(mb) for mb in t.plan[: t.cfg.train.grad_accum]] == [2, 4] and seen == want
             t = Trainer(tiny_cfg(tiny_model_dir, pair_file, tmp_path / on, *common, "train.overwrite=true"))
         t.run()

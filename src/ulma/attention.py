@@ -63,6 +63,9 @@ def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
                              f"({type(module).__name__}); run this model without packing")
     if query.shape[0] != 1 or query.shape[2] != segments.width:
         raise ValueError(f"segments of a row of {segments.width} positions, given queries {tuple(query.shape)}")
+    if torch.is_autocast_enabled(query.device.type):  # cast once for the row, not at every block's call
+        dt = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:  # once for the row, not once a block
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)

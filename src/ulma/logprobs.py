@@ -501,8 +501,9 @@ def pack_segments(batch: dict, share_prompts: bool = True) -> dict | None:
     [prompt, response_1, ..., response_k]: the prompt and the first response are one causal
     block, each later response a block that sees the prompt and itself (causally), at the
     positions that continue the prompt.  A row's prompt is its tokens before the first
-    scored one (``loss_mask``, from position 1).  Rows with nothing scored are left out:
-    no scored token needs them.
+    scored one (``loss_mask``, from position 1), its response the tokens from there to the
+    one before its last scored token (the last is a target only: no position after it is
+    scored).  Rows with nothing scored are left out: no scored token needs them.
 
     Returns CPU tensors input_ids / position_ids / attention_mask (all ones) [1, T],
     ``segments`` (:class:`ulma.attention.Segments`), and for the M scored tokens of the
@@ -511,10 +512,12 @@ def pack_segments(batch: dict, share_prompts: bool = True) -> dict | None:
     """
     from ulma.attention import Segments
 
-    ids, length = batch["input_ids"], batch["attention_mask"].sum(1).tolist()
-    scored = batch["loss_mask"][:, 1:].bool()
-    # first scored token of each row (position c of scored is token c + 1); -1: none
+    ids, scored = batch["input_ids"], batch["loss_mask"][:, 1:].bool()
+    # first and last scored token of each row (position c of scored is token c + 1); -1: none.
+    # A row runs up to the token before its last scored one: the tokens after it score
+    # nothing and nothing scored attends to them.
     first = torch.where(scored.any(1), scored.int().argmax(1) + 1, -1).tolist()
+    end = (scored.shape[1] - scored.flip(1).int().argmax(1)).tolist()  # last scored token
     groups: dict = {}
     for i, f in enumerate(first):
         if f > 0:
@@ -531,12 +534,14 @@ def pack_segments(batch: dict, share_prompts: bool = True) -> dict | None:
         positions.append(torch.arange(f0))
         t += f0
         for k, i in enumerate(rows):
-            f, m = first[i], length[i] - first[i]
+            f, m = first[i], end[i] - first[i]
             pieces.append(ids[i, f : f + m])
             positions.append(torch.arange(f, f + m))
             prompt_at[i], response_at[i] = prompt_at_group, t
-            blocks.append((prompt_at_group, t + m, prompt_at_group, prompt_at_group) if k == 0
-                          else (t, t + m, prompt_at_group, prompt_at_group + f))
+            if k == 0:
+                blocks.append((prompt_at_group, t + m, prompt_at_group, prompt_at_group))
+            elif m:  # (a one-token response is scored from the prompt alone)
+                blocks.append((t, t + m, prompt_at_group, prompt_at_group + f))
             t += m
     rows, cols = scored.nonzero(as_tuple=True)
     token = cols + 1
