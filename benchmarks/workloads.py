@@ -199,6 +199,10 @@ def run_forward(impl: str, data: Path, n: int, batch: int | None = None, compile
     from ulma.models import compile_layers
 
     tokenizer, table = _forward_rows(data, n)
+    if impl == "ulma-padded":  # the lever off: padded rows, prompts packed under a mask
+        import ulma.logprobs
+
+        ulma.logprobs.use_segments = lambda model, device: False
     model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32).to(DEVICE).eval()
     if compile:
         compile_layers(model)
@@ -207,7 +211,7 @@ def run_forward(impl: str, data: Path, n: int, batch: int | None = None, compile
     def ulma_pass():
         size = batch or TrainConfig(micro_batch_size=MICRO).forward_rows(DEVICE.type)
         return table_logps(model, table, tokenizer.pad_token_id, size, bf16=BF16, progress=False,
-                           share_prompts=impl == "ulma")["sum"]
+                           share_prompts=impl != "ulma-unshared")["sum"]
 
     def plain_pass():
         sums, size = [], batch or MICRO
@@ -341,6 +345,7 @@ WORKLOADS = {
     "forward-ulma": lambda a: run_forward("ulma", a.data, a.rows),
     "forward-plain": lambda a: run_forward("plain", a.data, a.rows),
     "forward-ulma-unshared": lambda a: run_forward("ulma-unshared", a.data, a.rows),
+    "forward-ulma-padded": lambda a: run_forward("ulma-padded", a.data, a.rows),
     "forward-ulma-mb32": lambda a: run_forward("ulma", a.data, a.rows, batch=4 * MICRO),
     "forward-ulma-compiled": lambda a: run_forward("ulma", a.data, a.rows, compile=True),
     "forward-ulma-mb8": lambda a: run_forward("ulma", a.data, a.rows, batch=MICRO),

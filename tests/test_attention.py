@@ -1,8 +1,6 @@
 """Packed rows without padding (logprobs.pack_segments) and the block-by-block attention
 that runs them (ulma.attention)."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,22 +102,22 @@ def test_the_installed_attention_is_sdpa_without_segments(tiny_model_dir, tmp_pa
 
 
 def test_segments_are_used_only_where_they_apply(tiny_model_dir):
-    """A CPU model on sdpa; not on a GPU, not with eager attention, a sliding window, or
-    compiled layers."""
+    """A CPU model on sdpa without gradients; not in training, not on a GPU, not with eager
+    attention, a sliding window, or compiled layers."""
     from transformers import AutoModelForCausalLM
 
     def load(**kw):
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kw)
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert use_segments(load(attn_implementation="sdpa"), cpu)
-    assert not use_segments(load(attn_implementation="sdpa"), cuda)
-    assert not use_segments(load(attn_implementation="eager"), cpu)
-    windowed = load(attn_implementation="sdpa")
-    windowed.config.sliding_window = 16  # Mistral's form: a window on every layer
-    assert not use_segments(windowed, cpu)
-    compiled = load(attn_implementation="sdpa")
-    compiled.model.layers[0].compile()  # marks the layer; nothing is compiled before a call
-    assert not use_segments(compiled, cpu)
-    config = json.loads((tiny_model_dir / "config.json").read_text())
-    assert config.get("sliding_window") is None  # the tiny model itself has none
+    assert not use_segments(load(attn_implementation="sdpa"), cpu)  # gradients are on: training
+    with torch.no_grad():
+        assert use_segments(load(attn_implementation="sdpa"), cpu)
+        assert not use_segments(load(attn_implementation="sdpa"), cuda)
+        assert not use_segments(load(attn_implementation="eager"), cpu)
+        windowed = load(attn_implementation="sdpa")
+        windowed.config.sliding_window = 16  # Mistral's form: a window on every layer
+        assert not use_segments(windowed, cpu)
+        compiled = load(attn_implementation="sdpa")
+        compiled.model.layers[0].compile()  # marks the layer; nothing is compiled before a call
+        assert not use_segments(compiled, cpu)

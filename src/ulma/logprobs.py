@@ -471,15 +471,25 @@ def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
 
 def use_segments(model, device: torch.device) -> bool:
     """Whether batches for ``model`` are packed into one row without padding and run with
-    :mod:`ulma.attention`'s block-by-block attention (installing it): on a CPU, for a model
-    on PyTorch's scaled-dot-product attention without sliding windows, and whose layers
-    are not compiled (``train.compile``: a graph traced through one batch's blocks would
-    be traced again for every batch).  On a GPU a layer's one masked kernel is cheaper
-    than a batch's dozens of small ones, which would be bound by launches."""
+    :mod:`ulma.attention`'s block-by-block attention (installing it): in a forward pass
+    without gradients (reference log-probs, evaluation, perplexity) on a CPU, for a model on
+    PyTorch's scaled-dot-product attention without sliding windows, and whose layers are not
+    compiled (``train.compile``: a graph traced through one batch's blocks would be traced
+    again for every batch).
+
+    Measured on a 2-core bf16 CPU (SmolLM2-135M, HH rows): a 32-row forward-only pass ~6%
+    faster (matrix products 2.04 -> 1.90 s, attention 0.49 -> 0.39 s).  Not in training:
+    there the steps took the same time (full fine-tuning with checkpointing, alternating
+    runs: 20.5 / 21.1 s against 21.4 / 19.7 s for 4 steps) at 100-160 MB more resident memory
+    (oneDNN keeps a kernel for each new attention shape, and the blocks have many).  Not on a
+    GPU, where a layer's dozens of small attention calls would be bound by kernel launches
+    (not measured)."""
     from ulma.attention import install
 
     config = _config(model)
-    if device.type != "cpu" or getattr(config, "_attn_implementation", None) not in ("sdpa", "ulma_sdpa"):
+    if torch.is_grad_enabled() or device.type != "cpu":
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "ulma_sdpa"):
         return False
     if _sliding(config) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
         return False
