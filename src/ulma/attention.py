@@ -13,9 +13,9 @@ makes the attention kernel compute every query against every key and throw away 
 scores, the upper triangle and the responses' scores against each other (on a CPU its
 flash kernel skips nothing under a custom mask: two thirds of a pair's scores), and rows
 padded to the batch's width run padding through every layer.  One scaled-dot-product call
-per block does only the scores that count.  It is meant where kernels are bound by
-arithmetic (a CPU); on a GPU a batch's dozens of small calls a layer would be bound by
-launches instead, and the masked path stays (:func:`ulma.logprobs.use_segments`).
+per block does only the scores that count.  It runs in forward passes without gradients on
+a CPU, where kernels are bound by arithmetic (:func:`ulma.logprobs.use_segments` says where
+and what was measured); elsewhere the masked path stays.
 
 The model runs it as its attention implementation ``ulma_sdpa``
 (:func:`install`), which is Hugging Face's ``sdpa`` unchanged for every call without a

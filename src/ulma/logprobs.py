@@ -468,7 +468,6 @@ def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
             "src_row": home[rows], "src_pos": src_pos, "targets": ids[rows, token]}
 
 
-
 def use_segments(model, device: torch.device) -> bool:
     """Whether batches for ``model`` are packed into one row without padding and run with
     :mod:`ulma.attention`'s block-by-block attention (installing it): in a forward pass
@@ -481,14 +480,15 @@ def use_segments(model, device: torch.device) -> bool:
     faster (matrix products 2.04 -> 1.90 s, attention 0.49 -> 0.39 s).  Not in training:
     there the steps took the same time (full fine-tuning with checkpointing, alternating
     runs: 20.5 / 21.1 s against 21.4 / 19.7 s for 4 steps) at 100-160 MB more resident memory
-    (oneDNN keeps a kernel for each new attention shape, and the blocks have many).  Not on a
+    (oneDNN keeps a kernel for each new attention shape, and the blocks have many: memory in
+    use after a step 1298 MB, 1241 with ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=16``).  Not on a
     GPU, where a layer's dozens of small attention calls would be bound by kernel launches
     (not measured)."""
     from ulma.attention import install
 
-    config = _config(model)
     if torch.is_grad_enabled() or device.type != "cpu":
         return False
+    config = _config(model)
     if getattr(config, "_attn_implementation", None) not in ("sdpa", "ulma_sdpa"):
         return False
     if _sliding(config) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
