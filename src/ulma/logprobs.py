@@ -282,7 +282,8 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     scored positions, chunk by chunk (:class:`LinearTokenLogps`), from the final hidden
     states; otherwise from the model's logits of the last positions (:func:`token_logps`).
     ``share_prompts`` (with ``fused``): rows with the same prompt -- a pair's chosen and
-    rejected -- run that prompt once (:func:`pack_prompts`).
+    rejected -- run that prompt once (:func:`pack_prompts`).  Without gradients on a CPU the
+    batch runs as one row without padding (:func:`pack_segments`, :func:`use_segments`).
     ``head_weight``: the output layer's weight already in the compute dtype, for a pass
     without gradients (:func:`cast_once`); the fused path then casts none.
     """
@@ -313,8 +314,8 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
 def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool, pack: dict | None = None) -> dict:
     """Log-probs from the final hidden states at the scored positions (``head``: the output
     layer, :func:`fusable_head`; ``weight``: its [V, H] weight, maybe already cast), of the
-    batch's rows or of their packed form (:func:`pack_prompts`: each distinct prompt runs
-    once, and gradients reach it from every response that shares it)."""
+    batch's rows or of their packed form (:func:`pack_prompts`, :func:`pack_segments`: each
+    distinct prompt runs once, and gradients reach it from every response that shares it)."""
     device = weight.device
     # The scored positions are found where the batch was built (on the CPU): indexing with
     # them needs no wait for the GPU, where a boolean mask would (its count decides the
