@@ -20,10 +20,6 @@ def _explicit_mask(blocks, width):
     return mask
 
 
-class _Attn(torch.nn.Module):  # what the attention function reads off a Hugging Face attention module
-    num_key_value_groups = 3
-
-
 def test_segment_attention_equals_one_masked_attention_over_the_row():
     """Values and gradients, float64, grouped-query heads (9 query heads on 3 key/value heads):
     three blocks of one prompt (prompt + first response, two later responses: one not next
@@ -33,7 +29,7 @@ def test_segment_attention_equals_one_masked_attention_over_the_row():
     q = torch.randn(1, 9, 19, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 3, 19, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 3, 19, 8, dtype=torch.float64, requires_grad=True)
-    out, weights = segment_attention(_Attn(), q, k, v, None, scaling=0.3, segments=Segments(blocks))
+    out, weights = segment_attention(torch.nn.Module(), q, k, v, None, scaling=0.3, segments=Segments(blocks))
     assert weights is None and out.shape == (1, 19, 9, 8)
     mask = _explicit_mask(blocks, 19)
     assert mask[8].tolist() == [True] * 4 + [False] * 3 + [True] * 2 + [False] * 10  # row 8 by hand

@@ -52,7 +52,7 @@ def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     [1, kv_heads, T, D] -> ([1, T, heads, D], None).  Without ``segments`` this is
     ``sdpa_attention_forward`` itself; with them ``attention_mask`` is not read (the row has
     no padding, and the blocks say who sees whom)."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -66,9 +66,10 @@ def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     if torch.is_autocast_enabled(query.device.type):  # cast once for the row, not at every block's call
         dt = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # once for the row, not once a block
-        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # grouped-query heads (fewer key/value heads than query heads): the kernel maps them itself,
+    # no repeated copy of the keys (on a 2-core CPU, [1, 9, 200, 64] on 3 heads: 1.30 ms
+    # against 1.41 ms with the keys repeated; the same values)
+    gqa = key.shape[1] != query.shape[1]
     outputs = []
     for start, end, p0, p1 in segments.blocks:
         q = query[:, :, start:end]
@@ -81,8 +82,8 @@ def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
         n_q, n_k = end - start, k.shape[2]
         # bottom-right causal: query j sees keys 0 .. n_k - n_q + j
         mask = None if n_q == n_k else torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                      scale=scaling, is_causal=mask is None))
+        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                                      is_causal=mask is None, enable_gqa=gqa))
     out = torch.cat(outputs, 2) if len(outputs) > 1 else outputs[0]
     return out.transpose(1, 2).contiguous(), None
 
