@@ -327,10 +327,8 @@ def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool
         inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}
         at, targets = (rows, cols), ids[rows, cols + 1]
     else:  # the same scored tokens, in the same order
-        p = {k: v.to(device, non_blocking=True) for k, v in pack.items() if k != "segments"}
-        inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids")}
-        if "segments" in pack:
-            inputs["segments"] = pack["segments"]
+        p = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in pack.items()}
+        inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids", "segments") if k in p}
         at, targets = (p["src_row"], p["src_pos"]), p["targets"]
     with autocast(device, bf16, forward_cache(model)):
         hidden = final_hidden_states(model, inputs, head)  # [rows, width, H], after the final norm
@@ -436,9 +434,7 @@ def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
     if int(start.min()) < 1:
         return None  # no prompt token to score the first response token from
     length = attn.sum(1)
-    groups: dict[tuple, list[int]] = {}
-    for i in range(n_rows):
-        groups.setdefault(tuple(ids[i, : int(start[i])].tolist()), []).append(i)
+    groups = _prompt_groups(ids, start.tolist())
     w = max(len(k) + sum(int(length[i] - start[i]) for i in g) for k, g in groups.items())
     cost = lambda rows, wide: rows * wide * (6 * hidden + wide if hidden else 1)  # noqa: E731
     if len(groups) == n_rows or cost(len(groups), w) >= cost(n_rows, width):
@@ -461,10 +457,7 @@ def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
             o += m
         pad = torch.arange(o, w)
         mask[p, pad, pad] = True
-    rows, cols = scored[:, 1:].nonzero(as_tuple=True)
-    token = cols + 1  # position c scores token c + 1
-    first = start[rows]
-    src_pos = torch.where(token == first, first - 1, offset[rows] + token - 1 - first)
+    rows, token, src_pos = _scored_sources(scored[:, 1:], start, torch.zeros_like(offset), offset)
     return {"input_ids": packed, "position_ids": positions, "attention_mask": mask[:, None],
             "src_row": home[rows], "src_pos": src_pos, "targets": ids[rows, token]}
 
@@ -529,10 +522,7 @@ def pack_segments(batch: dict, share_prompts: bool = True) -> dict | None:
     # nothing and nothing scored attends to them.
     first = torch.where(scored.any(1), scored.int().argmax(1) + 1, -1).tolist()
     end = (scored.shape[1] - scored.flip(1).int().argmax(1)).tolist()  # last scored token
-    groups: dict = {}
-    for i, f in enumerate(first):
-        if f > 0:
-            groups.setdefault(tuple(ids[i, :f].tolist()) if share_prompts else i, []).append(i)
+    groups = _prompt_groups(ids, first, share_prompts)
     if not groups:
         return None  # nothing scored: the rows run as they are
     pieces, positions, blocks = [], [], []
@@ -554,12 +544,31 @@ def pack_segments(batch: dict, share_prompts: bool = True) -> dict | None:
             elif m:  # (a one-token response is scored from the prompt alone)
                 blocks.append((t, t + m, prompt_at_group, prompt_at_group + f))
             t += m
-    rows, cols = scored.nonzero(as_tuple=True)
-    token = cols + 1
-    f = torch.tensor(first)[rows]
-    src_pos = torch.where(token == f, torch.tensor(prompt_at)[rows] + f - 1,
-                          torch.tensor(response_at)[rows] + token - 1 - f)
+    rows, token, src_pos = _scored_sources(scored, torch.tensor(first), torch.tensor(prompt_at),
+                                           torch.tensor(response_at))
     packed = torch.cat(pieces)[None]
     return {"input_ids": packed, "position_ids": torch.cat(positions)[None],
             "attention_mask": torch.ones_like(packed), "segments": Segments(tuple(blocks)),
             "src_row": torch.zeros_like(rows), "src_pos": src_pos, "targets": ids[rows, token]}
+
+
+def _prompt_groups(ids: torch.Tensor, first: list[int], share: bool = True) -> dict:
+    """Row indices by prompt, a row's tokens before ``first[i]``, its first scored token (in
+    the order the prompts first appear); rows with ``first[i] < 1`` are left out.  ``share``
+    False: each row a group of its own."""
+    groups: dict = {}
+    for i, f in enumerate(first):
+        if f > 0:
+            groups.setdefault(tuple(ids[i, :f].tolist()) if share else i, []).append(i)
+    return groups
+
+
+def _scored_sources(scored: torch.Tensor, first: torch.Tensor, prompt_at: torch.Tensor, response_at: torch.Tensor):
+    """For the scored tokens of a packed batch (``scored`` [N, T-1]: ``loss_mask[:, 1:]``,
+    position c scores token c + 1), in row-major order: (row [M], token [M], source [M]), the
+    packed position whose hidden state scores each token.  A row's first response token
+    (``first`` [N]) is scored from its prompt's last position (its prompt starts at
+    ``prompt_at`` [N]), the others from the response itself (which starts at ``response_at``)."""
+    rows, cols = scored.nonzero(as_tuple=True)
+    token, f = cols + 1, first[rows]
+    return rows, token, torch.where(token == f, prompt_at[rows] + f - 1, response_at[rows] + token - 1 - f)
