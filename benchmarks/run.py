@@ -39,6 +39,8 @@ PAIRS = [
     # the same setting on both sides, for memory and speed like for like.
     ("ulma-ulma-lora-checkpointed", "trl-kto-lora", "ULMA vs TRL KTOTrainer, LoRA r=8, both with gradient checkpointing"),
     ("ulma-ulma-full-checkpointed", "trl-kto-full", "ULMA vs TRL KTOTrainer, full fine-tuning, both with gradient checkpointing"),
+    ("ulma-ulma-full-checkpointed-compiled", "trl-kto-full",
+     "ULMA vs TRL KTOTrainer, full, both checkpointed; ulma's decoder layers compiled (train.compile)"),
     ("ulma-ulma-full-checkpointed-inbwd", "trl-kto-full-unclipped",
      "ULMA vs TRL KTOTrainer, full, both checkpointed and unclipped; ulma's AdamW applied in the backward"),
     ("ulma-dpo-full-checkpointed", "trl-dpo-full",
@@ -70,6 +72,8 @@ LEVERS = [
     # train.compile is off by default: here "on" is the run with it
     ("ulma-ulma-lora-compiled", "ulma-ulma-lora", "torch.compile of each decoder layer (LoRA)"),
     ("ulma-ulma-full-compiled", "ulma-ulma-full", "torch.compile of each decoder layer (full fine-tuning)"),
+    ("ulma-ulma-full-checkpointed-compiled", "ulma-ulma-full-checkpointed",
+     "torch.compile of each decoder layer (full fine-tuning, checkpointed)"),
     ("ulma-dpo-full-compiled", "ulma-dpo-full", "torch.compile of each decoder layer (DPO, full fine-tuning)"),
     ("ulma-ulma-full-mb64-compiled", "ulma-ulma-full-mb64", "torch.compile of each decoder layer (full, 64 rows a step)"),
     ("forward-ulma", "forward-plain", "forward-only: length-sorted batches, output layer only at response tokens, "

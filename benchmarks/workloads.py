@@ -308,6 +308,8 @@ WORKLOADS = {
                                                       train={"gradient_checkpointing": True}),
     "ulma-ulma-full-checkpointed": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
                                                       train={"gradient_checkpointing": True}),
+    "ulma-ulma-full-checkpointed-compiled": lambda a: run_ulma(
+        "ulma", False, a.data, a.steps, a.work, train={"gradient_checkpointing": True, "compile": True}),
     # AdamW applied in the backward (train.optimizer_in_backward, off by default: a memory lever,
     # without clipping), checkpointed, against TRL checkpointed (its default) and unclipped too
     "ulma-ulma-full-checkpointed-inbwd": lambda a: run_ulma(
