@@ -105,7 +105,7 @@ class TrainConfig:
     # kept for a backward).  On an H200 (1.17B model, micro-batch 8) 32 rows took 2.0-2.6x less time
     # than 8 (8 rows: launch- and Python-bound, ~17% of the bf16 peak), 64 no more than 32; on a 2-core
     # CPU they do not pay (96 rows in batches of 8, 16, 32: 21, 20, 23 s; products at 90% of peak)
-    compile: bool = False  # torch.compile each decoder layer (models.compile_layers): fewer kernel launches
+    compile: bool = False  # torch.compile each decoder layer (models.compile_layers): fewer kernel launches; fewer saved activations
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation, for debugging)
     compile_mode: Optional[str] = None  # torch.compile's mode: null (default), "reduce-overhead" (CUDA graphs), "max-autotune"
     progress: bool = True
