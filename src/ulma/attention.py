@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "ulma_sdpa"
 
@@ -52,8 +53,6 @@ def segment_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     [1, kv_heads, T, D] -> ([1, T, heads, D], None).  Without ``segments`` this is
     ``sdpa_attention_forward`` itself; with them ``attention_mask`` is not read (the row has
     no padding, and the blocks say who sees whom)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)

@@ -478,8 +478,6 @@ def use_segments(model, device: torch.device) -> bool:
     use after a step 1298 MB, 1241 with ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=16``).  Not on a
     GPU, where a layer's dozens of small attention calls would be bound by kernel launches
     (not measured)."""
-    from ulma.attention import install
-
     if torch.is_grad_enabled() or device.type != "cpu":
         return False
     config = _config(model)
@@ -487,6 +485,8 @@ def use_segments(model, device: torch.device) -> bool:
         return False
     if _sliding(config) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
         return False
+    from ulma.attention import install
+
     return install(model)
 
 
