@@ -45,6 +45,26 @@ def test_full_finetuning_reference_is_a_frozen_copy(tiny_model_dir):
     assert not torch.equal(next(policy.parameters()), next(ref.copy.parameters()))
 
 
+def test_compile_on_a_cpu_without_a_cpp_compiler_fails_before_any_work(tiny_model_dir):
+    """Inductor builds C++ for a CPU: with no compiler on the PATH, compile_layers refuses
+    up front (naming the key, the compilers it looked for and the ways out); with one it
+    marks the layers (nothing is built before a call)."""
+    import sys
+
+    from torch._inductor import config
+
+    from ulma.models import compile_layers
+
+    model = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(enabled=False)))
+    with config.patch({"cpp.cxx": (None, "ulma-no-such-cxx")}):  # inductor's own way to set its config
+        with pytest.raises(ValueError, match=r"^train\.compile: .*no C\+\+ compiler \(tried ulma-no-such-cxx\);"
+                                             r".*compile_backend=aot_eager"):
+            compile_layers(model)
+        assert compile_layers(model, backend="aot_eager") == 2  # no code generation: no compiler needed
+    with config.patch({"cpp.cxx": (None, sys.executable)}):  # found on the PATH: accepted
+        assert compile_layers(model) == 2
+
+
 def test_compiled_layers_give_the_same_losses_and_gradients(tiny_model_dir):
     """train.compile: each decoder layer through torch.compile (here its aot_eager backend:
     the same graph capture and autograd, no generated kernels -- inductor's C++ build takes

@@ -164,6 +164,8 @@ def compile_layers(model, backend: str = "inductor", mode: str | None = None) ->
     What it buys: fewer kernel launches (norms, rotary, activation and residual fused),
     which is what bounds a small batch on a GPU.
     """
+    if backend == "inductor" and any(p.device.type == "cpu" for p in model.parameters()):
+        _require_cpp_compiler()
     names = set()
     for m in model.modules():
         names.update(getattr(m, "_no_split_modules", None) or ())
@@ -176,6 +178,19 @@ def compile_layers(model, backend: str = "inductor", mode: str | None = None) ->
         raise ValueError(f"train.compile: found no decoder layer to compile in {type(model).__name__} "
                          "(its _no_split_modules names none of its modules)")
     return n
+
+
+def _require_cpp_compiler() -> None:
+    """Inductor turns a CPU graph into C++ and builds it with the first compiler of its
+    ``cpp.cxx`` list found on the PATH; without one the first training step would fail deep
+    inside dynamo, after the reference pass.  Fail here, before any work, and say what to do."""
+    from torch._inductor import config
+
+    tried = [c for c in config.cpp.cxx if c] if isinstance(config.cpp.cxx, (list, tuple)) else [config.cpp.cxx]
+    if not any(shutil.which(c) for c in tried):
+        raise ValueError(f"train.compile: the inductor backend builds C++ for a CPU and found no C++ compiler "
+                         f"(tried {', '.join(tried)}); install one (e.g. `apt install g++`), or set "
+                         "train.compile_backend=aot_eager (no code generation) or train.compile=false")
 
 
 def _release_checkpoint_mapping(model, cast_dtype: torch.dtype) -> None:
