@@ -186,10 +186,13 @@ def _require_cpp_compiler() -> None:
     inside dynamo, after the reference pass.  Fail here, before any work, and say what to do."""
     from torch._inductor import config
 
-    tried = [c for c in config.cpp.cxx if c] if isinstance(config.cpp.cxx, (list, tuple)) else [config.cpp.cxx]
+    cxx = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    if None in cxx and os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
+        return  # inductor installs g++ itself (through conda) for a None entry when asked to
+    tried = [c for c in cxx if c]
     if not any(shutil.which(c) for c in tried):
         raise ValueError(f"train.compile: the inductor backend builds C++ for a CPU and found no C++ compiler "
-                         f"(tried {', '.join(tried)}); install one (e.g. `apt install g++`), or set "
+                         f"(tried {', '.join(tried) or 'none'}); install one (e.g. `apt install g++`), or set "
                          "train.compile_backend=aot_eager (no code generation) or train.compile=false")
 
 
