@@ -182,18 +182,21 @@ def compile_layers(model, backend: str = "inductor", mode: str | None = None) ->
 
 def _require_cpp_compiler() -> None:
     """Inductor turns a CPU graph into C++ and builds it with the first compiler of its
-    ``cpp.cxx`` list found on the PATH; without one the first training step would fail deep
-    inside dynamo, after the reference pass.  Fail here, before any work, and say what to do."""
+    ``cpp.cxx`` list that runs; without one the first training step would fail deep inside
+    dynamo, after the reference pass.  Ask inductor's own search (the one it will run) here,
+    before any work, and say what to do."""
     from torch._inductor import config
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
 
-    cxx = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
-    if None in cxx and os.getenv("TORCH_INDUCTOR_INSTALL_GXX"):
-        return  # inductor installs g++ itself (through conda) for a None entry when asked to
-    tried = [c for c in cxx if c]
-    if not any(shutil.which(c) for c in tried):
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler:
+        cxx = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+        tried = [c for c in cxx if c]
         raise ValueError(f"train.compile: the inductor backend builds C++ for a CPU and found no C++ compiler "
                          f"(tried {', '.join(tried) or 'none'}); install one (e.g. `apt install g++`), or set "
-                         "train.compile_backend=aot_eager (no code generation) or train.compile=false")
+                         "train.compile_backend=aot_eager (no code generation) or train.compile=false") from None
 
 
 def _release_checkpoint_mapping(model, cast_dtype: torch.dtype) -> None:
