@@ -36,7 +36,7 @@ def train(config: Config | dict | str | Path | None = None, *, data=None, eval_d
     tokenizer: a loaded tokenizer; None = the model's (its ``name_or_path``).
     overrides: ``section.key=value`` strings applied on top, as on the command line.
     """
-    from ulma.train import TRAINERS, Trainer
+    from ulma.trainer import TRAINERS, Trainer
 
     cfg = _config(config, overrides)
     if isinstance(model, (str, Path)):
@@ -51,7 +51,7 @@ def train(config: Config | dict | str | Path | None = None, *, data=None, eval_d
         raise ConfigError(f"method {cfg.method.name!r}: pass its model and data in the config "
                           "(in-memory objects are for the policy methods)")
     if cfg.method.name in TRAINERS:
-        from ulma.train import train as run
+        from ulma.trainer import train as run
 
         return run(cfg)
     examples = _examples(cfg, data, eval_data) if data is not None or eval_data is not None else None

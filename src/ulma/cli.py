@@ -65,7 +65,7 @@ def _options(pairs: list[str]) -> dict:
 
 def cmd_train(args) -> int:
     from ulma.config import load_config, validate
-    from ulma.train import train
+    from ulma.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     if args.num_processes > 1:

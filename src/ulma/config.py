@@ -331,7 +331,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
     from ulma.methods import METHODS
-    from ulma.train import TRAINERS
+    from ulma.trainer import TRAINERS
 
     if cfg.method.name not in METHODS and cfg.method.name not in TRAINERS:
         raise ConfigError(

@@ -642,7 +642,7 @@ class Trainer:
 
 
 # Methods that are not a loss over log-probs run their own loop: name -> "module:function(cfg)".
-# Imported on use, so `import ulma.train` stays light and free of import cycles.
+# Imported on use, so `import ulma.trainer` stays light and free of import cycles.
 TRAINERS = {"reward": "ulma.rlhf.reward:train_reward", "rlhf": "ulma.rlhf.ppo:train_ppo"}
 
 
