@@ -1,8 +1,12 @@
 """The ONE place where examples become token ids and batches.
 
 Every example is rendered with the model's chat template: the prompt turns with the
-generation prompt appended, then the response followed by EOS.  The loss is taken on
-response tokens only.  When prompt + response exceed ``max_length`` the prompt is cut
+generation prompt appended, then the response followed by the end-of-turn token the
+template writes after an assistant message (:func:`response_suffix`: ChatML's
+``<|im_end|>``, Llama-3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``; EOS without a
+template).  The loss is taken on response tokens only.  An example with an empty prompt
+(a ``{"text"}`` row) is plain text: no template, the tokenizer's own start (BOS where it
+adds one) as its prompt, then the text and EOS, all of it scored.  When prompt + response exceed ``max_length`` the prompt is cut
 from the left (the most recent turns are kept) and, only if the response alone is too
 long, the response is cut at its end; both are counted.
 
@@ -31,11 +35,56 @@ def render_prompt(tokenizer, prompt) -> str:
     return text + "\n\nAssistant:"
 
 
+# An assistant message rendered through the chat template to see what the template writes
+# after a reply; letters only, so no template's ``| trim`` or tokenizer touches it.
+_SENTINEL = "ULMASENTINELREPLY"
+
+
 def response_suffix(tokenizer) -> list[int]:
-    """Token ids that close a response: EOS (for ChatML models EOS is ``<|im_end|>``)."""
+    """Token ids that close a response: what the chat template writes right after an
+    assistant message, up to and including its first special token, the end-of-turn marker
+    that generation stops on (ChatML ``<|im_end|>``, Llama-3 ``<|eot_id|>``, Gemma
+    ``<end_of_turn>``).  The newline some templates write after that marker is not part of
+    the response: it opens the next turn, and generation never reaches it.  Without a
+    template, or when the template writes no special token after a reply: ``[EOS]``."""
+    suffix = _template_suffix(tokenizer)
+    return suffix if suffix else [eos_id(tokenizer)]
+
+
+def eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; set one (tokenizer.eos_token = ...)")
-    return [tokenizer.eos_token_id]
+    return tokenizer.eos_token_id
+
+
+def _template_suffix(tokenizer) -> list[int] | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception as err:  # jinja's own errors, raise_exception() of the template
+        raise ValueError(f"the chat template cannot render a user turn and an assistant reply: {err}") from err
+    if _SENTINEL not in text:
+        return None
+    after = text[text.rindex(_SENTINEL) + len(_SENTINEL) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for k, t in enumerate(ids):
+        if t in special:
+            return ids[: k + 1]
+    return None
+
+
+def text_prefix(tokenizer) -> list[int]:
+    """What the tokenizer puts before plain text when it adds its special tokens: ``[BOS]``
+    for Llama and Gemma, nothing for ChatML models.  The "prompt" of a ``{"text"}`` row."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(bare) + 1):
+        if full[k : k + len(bare)] == bare:
+            return full[:k]
+    return []
 
 
 @dataclass
@@ -78,14 +127,20 @@ class Tokenizer:
         self._suffix = response_suffix(tokenizer)
 
     def encode_prompt(self, prompt) -> list[int]:
+        """The rendered prompt; an empty prompt (plain text) is :func:`text_prefix`."""
         ids = self._prompt_cache.get(prompt)
         if ids is None:
-            ids = self.tok(render_prompt(self.tok, prompt), add_special_tokens=False)["input_ids"]
+            if prompt:
+                ids = self.tok(render_prompt(self.tok, prompt), add_special_tokens=False)["input_ids"]
+            else:
+                ids = text_prefix(self.tok)
             self._prompt_cache[prompt] = ids
         return ids
 
-    def encode_response(self, response: str) -> list[int]:
-        return self.tok(response, add_special_tokens=False)["input_ids"] + self._suffix
+    def encode_response(self, response: str, text: bool = False) -> list[int]:
+        """The response and its end-of-turn tokens; ``text``: plain text, closed by EOS."""
+        end = [eos_id(self.tok)] if text else self._suffix
+        return self.tok(response, add_special_tokens=False)["input_ids"] + end
 
     def add(self, table: SequenceTable, prompt, response: str, origin: str = "", partner: int = 0) -> int:
         """Tokenize (prompt, response) into ``table`` (once) and return its row index.
@@ -95,7 +150,7 @@ class Tokenizer:
         """
         if not partner and (prompt, response, 0) in table._index:
             return table._index[(prompt, response, 0)]
-        p, r = self.encode_prompt(prompt), self.encode_response(response)
+        p, r = self.encode_prompt(prompt), self.encode_response(response, text=not prompt)
         partner = partner if partner > len(r) else 0  # the longer one is cut as if alone
         key = (prompt, response, partner)
         if key in table._index:
