@@ -6,7 +6,9 @@
 - :class:`Pair`          -- (x, y_w, y_l): a chosen and a rejected response (Eq. 1, 5).
 
 A prompt is a tuple of chat turns ``{"role": "system"|"user"|"assistant", "content": str}``
-that ends with a user turn; the response is the next assistant turn.  Every example
+that ends with a user turn; the response is the next assistant turn.  A demonstration
+whose prompt is ``()`` is plain text (a ``{"text"}`` row, :func:`text_demonstration`):
+rendered without the chat template and trained on every token.  Every example
 keeps ``origin`` ("file:line") so that any later error can name where it came from.
 """
 
@@ -74,17 +76,17 @@ def user_prompt(text: str, system: str | None = None) -> Prompt:
     return make_prompt(turns)
 
 
-def _check_response(text, file, row, field_name):
+def _check_response(text, file, row, field_name, what="the response"):
     if not isinstance(text, str):
         raise DataError(file, row, field_name, f"must be a string, got {type(text).__name__}")
     if not text.strip():
-        raise DataError(file, row, field_name, "the response is empty")
+        raise DataError(file, row, field_name, f"{what} is empty")
     return text
 
 
 @dataclass(frozen=True)
 class Demonstration:
-    prompt: Prompt
+    prompt: Prompt  # () for plain text: no chat template, every token trained on
     response: str
     origin: str = "<memory>"
     kind: str = field(default="demonstration", init=False)
@@ -117,6 +119,13 @@ def demonstration(prompt, response, *, file="<memory>", row=None) -> Demonstrati
     return Demonstration(
         make_prompt(prompt, file=file, row=row), _check_response(response, file, row, "response"), _origin(file, row)
     )
+
+
+def text_demonstration(text, *, file="<memory>", row=None, field_name="text") -> Demonstration:
+    """Plain text (TRL's ``{"text"}`` format) as a :class:`Demonstration` with an empty prompt:
+    tokenized without the chat template (the tokenizer's BOS, if it adds one, the text, EOS)
+    and trained on every token, as in pre-training."""
+    return Demonstration((), _check_response(text, file, row, field_name, "the text"), _origin(file, row))
 
 
 def pointwise(prompt, response, label, *, binary: bool, file="<memory>", row=None, label_range=None) -> PointWise:

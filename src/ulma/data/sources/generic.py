@@ -11,6 +11,8 @@ prompt, completion, label              binary (0/1/bool) or         PointWise
 prompt, chosen, rejected               pair                         Pair
 messages [, label]                     demonstration / point-wise   last assistant turn =
                                                                     response, rest = prompt
+text                                   demonstration (plain text)   Demonstration, empty
+                                                                    prompt
 =====================================  ===========================  =====================
 
 - ``prompt``: a string (one user turn) or a list of ``{"role", "content"}`` messages
@@ -20,13 +22,17 @@ messages [, label]                     demonstration / point-wise   last assista
   ``rejected`` lists may carry the prompt themselves (TRL's implicit prompt): every message
   but the last is the prompt, and the two must agree.
 - ``messages``: a conversation whose last message is the assistant response.
+- ``text``: plain text (TRL's language-modeling format), read only from a row with none of
+  the columns above: a demonstration with an empty prompt, tokenized without the chat
+  template (BOS where the tokenizer adds one, the text, EOS) and trained on every token.
+  Text rows cannot be labelled or paired.
 - In CSV files every cell is text: a prompt/response cell holding a JSON list of messages
   is decoded; labels ``true``/``false`` are booleans, other labels are parsed as numbers.
 
 Options (all sources):
 
 - ``columns``: our field -> your column name, fields ``prompt, response, label, chosen,
-  rejected, messages, system``; e.g. ``columns={"prompt": "question", "response": "answer"}``.
+  rejected, messages, system, text``; e.g. ``columns={"prompt": "question", "response": "answer"}``.
 - ``kind``: ``"demonstration" | "binary" | "continuous" | "pair"``.  Inferred when absent,
   from the columns found in any row: chosen and rejected -> pair; a label column -> binary
   when every numeric label is 0, 1 or a boolean, else continuous; otherwise demonstration.
@@ -35,8 +41,9 @@ Options (all sources):
   ``data_files``, ``split`` (default "train"), ``cache_dir``.
 
 Bad rows (DataError naming file, row and field): a line that is not JSON (field None,
-"invalid JSON"), a missing column (the column is named), an empty response, a label that is
-not a number ("yes", null) or not 0/1 for binary data, a score outside ``label_range``.
+"invalid JSON"), a missing column (the column is named), an empty response or text, a label
+that is not a number ("yes", null) or not 0/1 for binary data, a score outside ``label_range``,
+a ``text`` row in labelled or paired data.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from __future__ import annotations
 import json
 import math
 
-from ulma.data.schema import DataError, demonstration, pair, pointwise
+from ulma.data.schema import DataError, demonstration, pair, pointwise, text_demonstration
 
 from ._common import (
     LoadResult,
@@ -59,8 +66,9 @@ from ._common import (
     load_hub,
 )
 
-FIELDS = ("prompt", "response", "label", "chosen", "rejected", "messages", "system")
+FIELDS = ("prompt", "response", "label", "chosen", "rejected", "messages", "system", "text")
 DEFAULT_COLUMNS = {f: (f,) for f in FIELDS} | {"response": ("completion", "response")}
+CONTENT_FIELDS = ("prompt", "response", "chosen", "rejected", "messages")  # a row with one is not plain text
 KINDS = ("demonstration", "binary", "continuous", "pair")
 COMMON_OPTIONS = {"columns", "kind", "label_range"}
 HF_OPTIONS = {"name", "data_dir", "data_files", "split", "cache_dir"}
@@ -129,7 +137,7 @@ def _decode_cell(field: str, value):
             return float(text) if text else None
         except ValueError:
             return value
-    if field != "system" and text.startswith("[{"):
+    if field not in ("system", "text") and text.startswith("[{"):
         try:
             decoded = json.loads(text)
         except json.JSONDecodeError:
@@ -226,10 +234,23 @@ def _pair_row(record, spec, file, row) -> list:
     return [pair(prompt, chosen, rejected, file=file, row=row)]
 
 
+def _text_row(record, spec, kind, file, row) -> list | None:
+    """[plain-text demonstration] of a row with ``text`` and no other content column; else None."""
+    col, text = spec.find(record, "text")
+    if col is None or any(spec.find(record, f)[0] is not None for f in CONTENT_FIELDS):
+        return None
+    if kind != "demonstration":
+        raise DataError(file, row, col, f"a text row is a demonstration (trained on all its tokens), but this "
+                        f"data is {kind}: labelled or paired data needs a prompt (prompt/completion or messages)")
+    return [text_demonstration(text, file=file, row=row, field_name=col)]
+
+
 def convert_row(record, spec: Spec, kind: str, file, row) -> list:
     """One record -> [example] of ``kind``."""
     if not isinstance(record, dict):
         raise DataError(file, row, None, f"expected an object, got {type(record).__name__}")
+    if (text := _text_row(record, spec, kind, file, row)) is not None:
+        return text
     if kind == "pair":
         return _pair_row(record, spec, file, row)
     prompt, response = _prompt_response(record, spec, file, row)
