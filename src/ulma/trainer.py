@@ -25,7 +25,7 @@ from ulma.data.prepare import load_split, prepare
 from ulma.data.tokenize import collate
 from ulma.evaluation.metrics import evaluate, table_logps
 from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf16
-from ulma.losses import group_mean
+from ulma.losses import group_mean, weighted
 from ulma.methods import METHODS, LossInputs
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 
@@ -344,8 +344,7 @@ class Trainer:
         t, m = self.cfg.train, self.cfg.method
         micro = self.plan[step * t.grad_accum : (step + 1) * t.grad_accum]
         units = self.data.train
-        pos = sum(units.positive[i] for mb in micro for i in mb)
-        neg = sum(len(mb) for mb in micro) - pos
+        pos, neg = units.group_weights([i for mb in micro for i in mb])  # counts, each unit by its weight
         world = self.acc.num_processes
         sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # loss, pos and neg loss sums
         for k, mb in enumerate(micro):
@@ -354,9 +353,10 @@ class Trainer:
             inp = self._inputs(batch, ref)
             losses, _ = self.method.loss(inp, m)
             losses = losses * share
+            w = batch["weight"].to(losses.device)
             loss = group_mean(
                 losses, inp.positive, n_pos=pos, n_neg=neg, pos_weight=m.pos_weight, neg_weight=m.neg_weight,
-                balance=m.balance,
+                balance=m.balance, weights=w,
             )
             # DDP averages gradients over processes; our loss is already a global mean.
             last = k == len(micro) - 1
@@ -367,7 +367,7 @@ class Trainer:
                 self.acc.backward(loss * world)
             # Summed on the device, read once per step: .item() per micro-batch would make the
             # CPU wait for the GPU each time.  where(), not a boolean index: that waits too.
-            d = losses.detach()
+            d = weighted(losses.detach(), w)
             sums += torch.stack([loss.detach(), d.where(inp.positive, 0.0).sum(), d.where(~inp.positive, 0.0).sum()])
         loss_sum, pos_sum, neg_sum = sums.tolist()
         stats = {"loss": loss_sum, "pos_loss_sum": pos_sum, "neg_loss_sum": neg_sum, "n_pos": pos, "n_neg": neg}

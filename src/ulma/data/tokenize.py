@@ -198,7 +198,8 @@ class Units:
 
     ``rows[i]`` is ``(row,)`` or ``(chosen_row, rejected_row)``; ``labels[i]`` is z
     (1 for demonstrations and pairs); ``positive[i]`` says whether the unit counts as a
-    positive for the balanced reduction and the positive/negative loss split.
+    positive for the balanced reduction and the positive/negative loss split;
+    ``weights[i]`` is the example's weight (empty list: every weight is 1).
     """
 
     table: SequenceTable
@@ -206,9 +207,19 @@ class Units:
     labels: list[float] = field(default_factory=list)
     positive: list[bool] = field(default_factory=list)
     binary: bool = True
+    weights: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def weight(self, i: int) -> float:
+        return self.weights[i] if self.weights else 1.0
+
+    def group_weights(self, idx) -> tuple[float, float]:
+        """(positives, negatives) among units ``idx``, each unit counted by its weight: the
+        ``n_pos`` / ``n_neg`` of :func:`ulma.losses.group_mean` (the counts when all weights are 1)."""
+        pos = sum(self.weight(i) for i in idx if self.positive[i])
+        return pos, sum(self.weight(i) for i in idx) - pos
 
     def length(self, i: int, packed: bool = False) -> int:
         """Tokens of unit i's longest row; ``packed``: of its rows with their common prompt
@@ -244,6 +255,7 @@ def build_units(
             rows = (tokenizer.add(table, e.prompt, e.response, e.origin),)
             z = e.label if e.kind == "pointwise" else 1.0
         units.rows.append(rows)
+        units.weights.append(e.weight)
         units.labels.append(float(z))
         units.positive.append(e.kind != "pointwise" or e.label >= thr)
     return units
@@ -258,14 +270,15 @@ def collate(units: Units, idx: list[int], pad_id: int, ref: dict | None = None) 
     Pairs are flattened as [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}].
     Returns tensors: input_ids [N, T] long, attention_mask [N, T] long, loss_mask [N, T]
     bool (True on response tokens, aligned with input_ids), labels [B] float,
-    positive [B] bool, and ref_sum / ref_count [N] when ``ref`` holds precomputed
-    reference sums per table row.
+    positive [B] bool, weight [B] float, and ref_sum / ref_count [N] when ``ref`` holds
+    precomputed reference sums per table row.
     """
     cols = list(zip(*[units.rows[i] for i in idx]))  # one tuple per position in the unit
     rows = [r for col in cols for r in col]
     batch = pad_rows(units.table, rows, pad_id)
     batch["labels"] = torch.tensor([units.labels[i] for i in idx], dtype=torch.float32)
     batch["positive"] = torch.tensor([units.positive[i] for i in idx], dtype=torch.bool)
+    batch["weight"] = torch.tensor([units.weight(i) for i in idx], dtype=torch.float32)
     if ref is not None:
         batch["ref_sum"] = ref["sum"][rows]
         batch["ref_count"] = ref["count"][rows]

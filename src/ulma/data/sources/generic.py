@@ -26,13 +26,17 @@ text                                   demonstration (plain text)   Demonstratio
   the columns above: a demonstration with an empty prompt, tokenized without the chat
   template (BOS where the tokenizer adds one, the text, EOS) and trained on every token.
   Text rows cannot be labelled or paired.
+- ``weight`` (any kind, optional): a number >= 0 that scales the row's loss in the step's
+  mean (a weighted mean per group: sum of w*loss / sum of w); absent or null: 1.  A pair's
+  weight counts for both of its responses when it is trained on as point-wise data.
 - In CSV files every cell is text: a prompt/response cell holding a JSON list of messages
   is decoded; labels ``true``/``false`` are booleans, other labels are parsed as numbers.
 
 Options (all sources):
 
 - ``columns``: our field -> your column name, fields ``prompt, response, label, chosen,
-  rejected, messages, system, text``; e.g. ``columns={"prompt": "question", "response": "answer"}``.
+  rejected, messages, system, text, weight``;
+  e.g. ``columns={"prompt": "question", "response": "answer"}``.
 - ``kind``: ``"demonstration" | "binary" | "continuous" | "pair"``.  Inferred when absent,
   from the columns found in any row: chosen and rejected -> pair; a label column -> binary
   when every numeric label is 0, 1 or a boolean, else continuous; otherwise demonstration.
@@ -43,7 +47,7 @@ Options (all sources):
 Bad rows (DataError naming file, row and field): a line that is not JSON (field None,
 "invalid JSON"), a missing column (the column is named), an empty response or text, a label
 that is not a number ("yes", null) or not 0/1 for binary data, a score outside ``label_range``,
-a ``text`` row in labelled or paired data.
+a ``text`` row in labelled or paired data, a weight that is not a finite number >= 0.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from __future__ import annotations
 import json
 import math
 
-from ulma.data.schema import DataError, demonstration, pair, pointwise, text_demonstration
+from ulma.data.schema import DataError, check_weight, demonstration, pair, pointwise, text_demonstration
 
 from ._common import (
     LoadResult,
@@ -66,7 +70,7 @@ from ._common import (
     load_hub,
 )
 
-FIELDS = ("prompt", "response", "label", "chosen", "rejected", "messages", "system", "text")
+FIELDS = ("prompt", "response", "label", "chosen", "rejected", "messages", "system", "text", "weight")
 DEFAULT_COLUMNS = {f: (f,) for f in FIELDS} | {"response": ("completion", "response")}
 CONTENT_FIELDS = ("prompt", "response", "chosen", "rejected", "messages")  # a row with one is not plain text
 KINDS = ("demonstration", "binary", "continuous", "pair")
@@ -130,6 +134,11 @@ def _decode_cell(field: str, value):
     if not isinstance(value, str):
         return value
     text = value.strip()
+    if field == "weight":
+        try:
+            return float(text) if text else None
+        except ValueError:
+            return value
     if field == "label":
         if text.lower() in ("true", "false"):
             return text.lower() == "true"
@@ -231,7 +240,7 @@ def _pair_row(record, spec, file, row) -> list:
         prompt = _with_system(context, record, spec, file, row)
     else:
         prompt = _prompt(record, spec, file, row)  # raises: missing column 'prompt'
-    return [pair(prompt, chosen, rejected, file=file, row=row)]
+    return [pair(prompt, chosen, rejected, file=file, row=row, weight=_weight(record, spec, file, row))]
 
 
 def _text_row(record, spec, kind, file, row) -> list | None:
@@ -242,7 +251,8 @@ def _text_row(record, spec, kind, file, row) -> list | None:
     if kind != "demonstration":
         raise DataError(file, row, col, f"a text row is a demonstration (trained on all its tokens), but this "
                         f"data is {kind}: labelled or paired data needs a prompt (prompt/completion or messages)")
-    return [text_demonstration(text, file=file, row=row, field_name=col)]
+    weight = _weight(record, spec, file, row)
+    return [text_demonstration(text, file=file, row=row, field_name=col, weight=weight)]
 
 
 def convert_row(record, spec: Spec, kind: str, file, row) -> list:
@@ -254,13 +264,21 @@ def convert_row(record, spec: Spec, kind: str, file, row) -> list:
     if kind == "pair":
         return _pair_row(record, spec, file, row)
     prompt, response = _prompt_response(record, spec, file, row)
+    weight = _weight(record, spec, file, row)
     if kind == "demonstration":
-        return [demonstration(prompt, response, file=file, row=row)]
+        return [demonstration(prompt, response, file=file, row=row, weight=weight)]
     label = spec.need(record, "label", file, row)
     if isinstance(label, float) and math.isnan(label):
         label = None  # pandas / parquet missing value
     binary = kind == "binary"
-    return [pointwise(prompt, response, label, binary=binary, file=file, row=row, label_range=spec.label_range)]
+    return [pointwise(prompt, response, label, binary=binary, file=file, row=row, label_range=spec.label_range,
+                      weight=weight)]
+
+
+def _weight(record, spec, file, row) -> float:
+    """The row's ``weight``: 1 when the column is absent or null."""
+    col, value = spec.find(record, "weight")
+    return 1.0 if col is None or value is None else check_weight(value, file, row, col)
 
 
 # ------------------------------------------------------------------------------ loaders
