@@ -81,3 +81,16 @@ def test_a_template_that_cannot_render_a_reply_is_a_clear_error(tmp_path):
     tokenizer.chat_template = "{{ raise_exception('no assistant turns here') }}"
     with pytest.raises(ValueError, match="cannot render a user turn and an assistant reply.*no assistant turns"):
         response_suffix(tokenizer)
+
+
+def test_ppo_rollouts_end_at_the_end_of_turn_token_too(family):
+    import torch
+
+    from ulma.data.tokenize import stop_tokens
+    from ulma.rlhf.ppo import response_mask
+
+    name, tokenizer = family
+    _, end_of_turn, eos = EXPECTED[name]
+    assert stop_tokens(tokenizer) == {end_of_turn, eos}
+    resp = torch.tensor([[9, end_of_turn, 7, 9], [9, 10, eos, end_of_turn], [9, 10, 9, 10]])
+    assert response_mask(resp, stop_tokens(tokenizer)).int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]

@@ -51,6 +51,17 @@ def response_suffix(tokenizer) -> list[int]:
     return suffix if suffix else [eos_id(tokenizer)]
 
 
+def stop_tokens(tokenizer) -> set[int]:
+    """Ids that end a generated response: the end-of-turn token training puts after every
+    response (the last of :func:`response_suffix`) and EOS, where the tokenizer has them."""
+    ids = {tokenizer.eos_token_id}
+    try:
+        ids.add(response_suffix(tokenizer)[-1])
+    except ValueError:  # neither an end-of-turn token nor EOS
+        pass
+    return {i for i in ids if i is not None}
+
+
 def eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; set one (tokenizer.eos_token = ...)")
@@ -69,7 +80,8 @@ def _template_suffix(tokenizer) -> list[int] | None:
         return None
     after = text[text.rindex(_SENTINEL) + len(_SENTINEL) :]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
     for k, t in enumerate(ids):
         if t in special:
             return ids[: k + 1]

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ulma.data.schema import DataError
-from ulma.data.tokenize import Tokenizer, left_pad, response_suffix
+from ulma.data.tokenize import Tokenizer, left_pad, stop_tokens
 from ulma.evaluation.io import EvalError, append_jsonl, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
 from ulma.logprobs import attention_kernels
 
@@ -49,11 +49,7 @@ def stop_ids(model, tokenizer) -> set[int]:
     """Token ids that end a response: the end-of-turn token that training puts after each
     response (:func:`ulma.data.tokenize.response_suffix`: ``<|eot_id|>``, ``<end_of_turn>``,
     ...), the tokenizer's EOS and the model's own EOS ids."""
-    ids = {tokenizer.eos_token_id}
-    try:
-        ids.add(response_suffix(tokenizer)[-1])
-    except ValueError:  # neither an end-of-turn token nor EOS: the model's own ids decide
-        pass
+    ids = stop_tokens(tokenizer)
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
     return {i for i in ids if i is not None}
