@@ -114,3 +114,25 @@ def test_a_step_on_weights_2_and_0_is_a_step_on_the_first_example_alone(tiny_mod
     assert loss_a > 0
     for k in weights_a:
         torch.testing.assert_close(weights_w[k], weights_a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_reward_model_steps_weigh_pairs_too(tiny_model_dir, tmp_path):
+    """Bradley-Terry on {a: 2, b: 0} takes the step (loss, gradient norm) of {a} alone."""
+    from ulma.config import load_config
+    from ulma.rlhf.reward import RewardTrainer
+
+    a = {"prompt": "Describe tea.", "chosen": "Thank you, tea is lovely.", "rejected": "No. Go away."}
+    b = {"prompt": "Describe snow.", "chosen": "Happy to help: snow is cold.", "rejected": "Whatever."}
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [a])
+    rows = {}
+    for name, data in [("weighted", [{**a, "weight": 2}, {**b, "weight": 0}]), ("alone", [a])]:
+        out = tmp_path / name
+        trainer = RewardTrainer(load_config("configs/reward.yaml", [
+            f"model.name_or_path={tiny_model_dir}", "data.train.source=jsonl",
+            f"data.train.path={write_jsonl(tmp_path / f'{name}.jsonl', data)}", "data.eval.source=jsonl",
+            f"data.eval.path={held_out}", "data.max_length=64", "train.micro_batch_size=2", "train.grad_accum=1",
+            "train.max_steps=1", "train.bf16=false", "train.progress=false", f"train.output_dir={out}",
+            "model.lora.r=4", "model.lora.dropout=0.0"]))
+        rows[name] = trainer.train_step(0)
+    assert rows["weighted"]["loss"] == pytest.approx(rows["alone"]["loss"], rel=1e-6)
+    assert rows["weighted"]["grad_norm"] == pytest.approx(rows["alone"]["grad_norm"], rel=1e-5)

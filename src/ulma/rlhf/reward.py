@@ -29,6 +29,7 @@ from ulma.data.schema import as_kind, make_prompt, pointwise_to_pairs, user_prom
 from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate, pad_rows
 from ulma.evaluation.metrics import label_accuracy, reward_accuracy
 from ulma.logprobs import autocast, use_bf16
+from ulma.losses import weighted
 from ulma.methods import Method
 from ulma.models import add_lora, is_peft, load_tokenizer, place, resolve_model_path, trainable_parameters
 from ulma.rlhf import losses as RL
@@ -293,18 +294,20 @@ class RewardTrainer:
         return plan[:needed]
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step: the mean unit loss over the step's micro-batches."""
+        """One optimizer step: the mean unit loss over the step's micro-batches (weighted by
+        the units' weights: sum w*l / sum w)."""
         t = self.cfg.train
         micro = self.plan[step * t.grad_accum : (step + 1) * t.grad_accum]
-        n_units = sum(len(mb) for mb in micro)
+        n_units = sum(self.data.train.group_weights([i for mb in micro for i in mb]))
         total, correct, pairs = 0.0, 0, 0
         for mb in micro:
             batch = collate(self.data.train, mb, self.pad_id)
             scores = forward_scores(self.model, batch, self.bf16)
             losses = unit_losses(self.loss, scores, batch["labels"], batch["positive"], self.data.train.binary,
                                  self.cfg.method)
-            (losses.sum() / n_units).backward()
-            total += losses.sum().item() / n_units
+            losses = weighted(losses, batch["weight"])
+            (losses.sum() / (n_units or 1.0)).backward()  # every weight 0: a zero loss
+            total += losses.sum().item() / (n_units or 1.0)
             if self.loss == "bradley_terry":
                 correct += int((scores[: len(mb)] > scores[len(mb) :]).sum())
                 pairs += len(mb)
