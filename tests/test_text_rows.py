@@ -86,3 +86,10 @@ def test_sft_trains_on_a_text_file(tiny_model_dir, tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert res["after"]["perplexity"] < res["before"]["perplexity"]
     assert json.loads((out / "results.json").read_text())["steps"] == 3
+
+
+def test_in_memory_rows_of_the_python_api_read_text_and_weight():
+    from ulma.data.sources.generic import load_records
+
+    res = load_records([{"text": "the cat sat.", "weight": 0.5}, {"text": "the cat."}])
+    assert res.examples == [Demonstration((), "the cat sat.", "<rows>:1", 0.5), Demonstration((), "the cat.", "<rows>:2")]
