@@ -75,7 +75,7 @@ def test_text_rows_split_one_by_one_and_convert_to_every_kind():
 
 def test_sft_trains_on_a_text_file(tiny_model_dir, tmp_path):
     from test_train import metrics, tiny_cfg
-    from ulma.train import train
+    from ulma.trainer import train
 
     rows = [{"text": f"Bread number {i} is made of flour, water and yeast."} for i in range(8)]
     path = write_jsonl(tmp_path / "text.jsonl", rows)

@@ -96,7 +96,7 @@ def test_bad_weights_name_file_row_and_field(tmp_path, weight, message):
 def test_a_step_on_weights_2_and_0_is_a_step_on_the_first_example_alone(tiny_model_dir, tmp_path):
     """SFT, one step of one micro-batch: the loss and the update of {a: 2, b: 0} equal those of {a}."""
     from test_train import metrics, tiny_cfg
-    from ulma.train import train
+    from ulma.trainer import train
 
     a = {"prompt": "How do I bake bread?", "completion": "Mix flour, water and yeast, then bake."}
     b = {"prompt": "Tell me a joke.", "completion": "No."}
