@@ -6,9 +6,10 @@ template writes after an assistant message (:func:`response_suffix`: ChatML's
 ``<|im_end|>``, Llama-3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``; EOS without a
 template).  The loss is taken on response tokens only.  An example with an empty prompt
 (a ``{"text"}`` row) is plain text: no template, the tokenizer's own start (BOS where it
-adds one) as its prompt, then the text and EOS, all of it scored.  When prompt + response exceed ``max_length`` the prompt is cut
-from the left (the most recent turns are kept) and, only if the response alone is too
-long, the response is cut at its end; both are counted.
+adds one) as its prompt, then the text and EOS, all of it scored.  When prompt + response
+exceed ``max_length`` the prompt is cut from the left (the most recent turns are kept)
+and, only if the response alone is too long, the response is cut at its end; both are
+counted.
 
 Sequences live in a table (:class:`SequenceTable`); a training *unit* is a tuple of row
 indices into it: one row for point-wise data and demonstrations, two (chosen, rejected)
