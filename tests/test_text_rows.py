@@ -93,3 +93,11 @@ def test_in_memory_rows_of_the_python_api_read_text_and_weight():
 
     res = load_records([{"text": "the cat sat.", "weight": 0.5}, {"text": "the cat."}])
     assert res.examples == [Demonstration((), "the cat sat.", "<rows>:1", 0.5), Demonstration((), "the cat.", "<rows>:2")]
+
+
+def test_generation_references_leave_text_rows_out():
+    from ulma.evaluation.testdata import EvalData, references
+
+    hi = demonstration([{"role": "user", "content": "Hi"}], "Hello")
+    data = EvalData([Demonstration((), "the cat."), hi, Demonstration((), "the cat sat.")], "d", [], {})
+    assert references(data) == [hi]  # nothing to answer in plain text
