@@ -75,6 +75,11 @@ def test_weights_survive_conversions_and_csv(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("text,w\nthe cat,0.5\nthe dog,\n")
     assert [e.weight for e in load_source("csv", csv, columns={"weight": "w"}).examples] == [0.5, 1.0]
+    # a DataFrame's missing cell is NaN: 1, like null
+    from ulma.data.sources.generic import load_records
+
+    rows = [{"text": "the cat", "weight": 2.0}, {"text": "the dog", "weight": float("nan")}]
+    assert [e.weight for e in load_records(rows).examples] == [2.0, 1.0]
 
 
 @pytest.mark.parametrize("weight, message", [

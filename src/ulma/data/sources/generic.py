@@ -27,8 +27,9 @@ text                                   demonstration (plain text)   Demonstratio
   template (BOS where the tokenizer adds one, the text, EOS) and trained on every token.
   Text rows cannot be labelled or paired.
 - ``weight`` (any kind, optional): a number >= 0 that scales the row's loss in the step's
-  mean (a weighted mean per group: sum of w*loss / sum of w); absent or null: 1.  A pair's
-  weight counts for both of its responses when it is trained on as point-wise data.
+  mean (a weighted mean per group: sum of w*loss / sum of w); absent, null or NaN (a
+  missing cell of a DataFrame): 1.  A pair's weight counts for both of its responses when
+  it is trained on as point-wise data.
 - In CSV files every cell is text: a prompt/response cell holding a JSON list of messages
   is decoded; labels ``true``/``false`` are booleans, other labels are parsed as numbers.
 
@@ -276,9 +277,12 @@ def convert_row(record, spec: Spec, kind: str, file, row) -> list:
 
 
 def _weight(record, spec, file, row) -> float:
-    """The row's ``weight``: 1 when the column is absent or null."""
+    """The row's ``weight``: 1 when the column is absent or the cell is missing (null, or a
+    pandas NaN)."""
     col, value = spec.find(record, "weight")
-    return 1.0 if col is None or value is None else check_weight(value, file, row, col)
+    if col is None or value is None or (isinstance(value, float) and math.isnan(value)):
+        return 1.0
+    return check_weight(value, file, row, col)
 
 
 # ------------------------------------------------------------------------------ loaders
