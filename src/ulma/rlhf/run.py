@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ulma import checkpoint as ckpt
+from ulma import checkpoint as ckpt, tracking
 from ulma.train import StepRows, fused_adamw, lr_factor, set_seed  # noqa: F401  (re-exported for the two loops)
 
 
@@ -19,15 +19,23 @@ def pick_device() -> torch.device:
 
 
 class MetricsLog:
-    """``OUTPUT/metrics.jsonl``: appended row by row, so a crash keeps every finished step."""
+    """``OUTPUT/metrics.jsonl``: appended row by row, so a crash keeps every finished step;
+    each row also goes to the trackers of ``train.report_to`` (ulma.tracking), started
+    here with the run's ``config``."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, report_to: list[str] = (), config: dict | None = None):
         self.path = Path(out) / "metrics.jsonl"
+        self.trackers = tracking.start_trackers(report_to, out, config or {})
 
     def write(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        for tracker in self.trackers:
+            tracker.log(tracking.tracker_values(row), step=row["step"])
+
+    def close(self) -> None:
+        tracking.finish_trackers(self.trackers)
 
     def truncate(self, step: int) -> None:
         """Drop rows after ``step``: a resumed run writes them again."""
