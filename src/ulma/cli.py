@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Sub-commands that live beside their code: each module has register(subparsers), which
 # adds its parsers with set_defaults(handler=fn); fn(args) -> exit code.
-PLUGINS = ("ulma.evaluation.cli", "ulma.rlhf.cli", "ulma.reproduce.cli")
+PLUGINS = ("ulma.evaluation.cli", "ulma.rlhf.cli", "ulma.reproduce.cli", "ulma.export")
 
 
 def _plugin_modules():
@@ -113,12 +113,13 @@ def cmd_methods(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from ulma.config import ConfigError
     from ulma.data.schema import DataError
+    from ulma.export import PushError
 
     args = _parser().parse_args(argv)
     handler = getattr(args, "handler", None) or {"train": cmd_train, "data": cmd_inspect, "methods": cmd_methods}[args.command]
     try:
         code = handler(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, PushError) as e:
         print(f"ulma: error: {e}", file=sys.stderr)
         return 2
     close_process_group()

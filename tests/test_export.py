@@ -1,0 +1,198 @@
+"""`ulma merge` and `ulma push` / train.push_to_hub (ulma.export).
+
+The hub is a local HTTP server on loopback speaking the endpoints huggingface_hub calls for
+create_repo + upload_folder (repo creation, README metadata check, preupload, commit); it
+answers "regular" for every file, so file contents travel base64 in the commit's NDJSON.
+The LFS/Xet transfer that the real hub asks for large files is not exercised."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ulma.config import ConfigError
+from ulma.export import check_push, merge, model_card, push
+from ulma.train import train
+
+from test_train import tiny_cfg
+
+TOKEN = "hf_loopback_test_token"
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """The hub endpoints of create_repo and upload_folder; records what it received."""
+
+    def do_POST(self):
+        hub = self.server.hub
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        hub["calls"].append(("POST", self.path, self.headers.get("Authorization")))
+        path = self.path.split("?")[0]
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._json(401, {"error": "Invalid credentials"})
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            hub["created"].append(payload)
+            return self._json(200, {"url": f"{hub['url']}/{payload['organization']}/{payload['name']}"})
+        if path == "/api/validate-yaml":
+            return self._json(200, {"errors": [], "warnings": []})
+        if path.endswith("/preupload/main"):
+            files = json.loads(body)["files"]
+            return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                              for f in files]})
+        if path.endswith("/commit/main"):
+            lines = [json.loads(line) for line in body.decode().splitlines() if line]
+            repo = path[len("/api/models/"):-len("/commit/main")]
+            hub["commits"].append({"repo": repo, "header": lines[0],
+                                   "files": {e["value"]["path"]: base64.b64decode(e["value"]["content"])
+                                             for e in lines[1:] if e["key"] == "file"},
+                                   "other": [e for e in lines[1:] if e["key"] != "file"]})
+            return self._json(200, {"commitUrl": f"{hub['url']}/{repo}/commit/{'1' * 40}", "commitOid": "1" * 40,
+                                    "pullRequestUrl": None})
+        return self._json(404, {"error": f"not faked: {path}"})
+
+    def _json(self, status: int, obj: dict):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    server.hub = {"url": url, "calls": [], "created": [], "commits": []}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    yield server.hub
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    """A finished 2-step ULMA LoRA run on the tiny model (lora.dropout 0: merged = adapter exactly)."""
+    from conftest import write_jsonl
+
+    tmp = tmp_path_factory.mktemp("export")
+    rows = [{"prompt": f"Question {i}?", "completion": "A helpful answer." if i % 2 else "A rude answer.",
+             "label": bool(i % 2)} for i in range(12)]
+    data = write_jsonl(tmp / "feedback.jsonl", rows)
+    out = tmp / "run"
+    train(tiny_cfg(tiny_model_dir, data, out, "train.max_steps=2", "model.lora.target_modules=all-linear"))
+    return out
+
+
+def test_merged_model_gives_the_adapter_models_logits(run_dir, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = merge(str(run_dir), tmp_path / "merged")
+    assert out == tmp_path / "merged"
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert (out / "tokenizer.json").exists() and (out / "README.md").exists()
+    # the trained adapter moved the weights: B of LoRA starts at 0, so a changed B means a trained adapter
+    adapter = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
+    ids = torch.tensor([[1, 50, 700, 3000, 20, 9, 411]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    base_logits = base(ids).logits
+    with_adapter = PeftModel.from_pretrained(base, run_dir / "final").eval()
+    expected = with_adapter(ids).logits
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()  # a plain transformers model: no peft involved
+    got = merged(ids).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter changes the output
+
+
+def test_merge_refuses_a_full_model_and_a_used_output_folder(run_dir, tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"is a full model already \(no adapter_config.json\): nothing to merge"):
+        merge(str(tiny_model_dir))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match=r"busy exists and is not empty; remove it or pass --out DIR"):
+        merge(str(run_dir), tmp_path / "busy")
+
+
+def test_model_card_names_base_method_data_and_metrics(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    card = model_card(run_dir, adapter=True, repo_id="me/tiny-ulma")
+    header = card.split("---")[1]
+    assert "library_name: peft" in header and "- ulma\n" in header and "- lora\n" in header
+    assert "base_model" not in header  # a local folder is no hub id
+    assert f"| base model | {results['config']['model']['name_or_path']} |" in card
+    assert "| method | ulma (beta=0.1) |" in card
+    assert f"| data | jsonl {results['config']['data']['train']['path']} |" in card
+    assert "| weights | LoRA r=4, alpha=32, on all-linear |" in card
+    assert "| steps | 2 |" in card
+    loss = results["after"]["loss"]
+    assert f"| loss | {results['before']['loss']:.4g} | {loss:.4g} |" in card
+    assert 'AutoPeftModelForCausalLM.from_pretrained("me/tiny-ulma")' in card
+
+
+def test_push_uploads_the_final_folder_and_card_over_http(run_dir, hub):
+    url = push(run_dir, "me/tiny-ulma", private=True, endpoint=hub["url"])
+    assert url == f"{hub['url']}/me/tiny-ulma/commit/{'1' * 40}"
+    assert hub["created"] == [{"name": "tiny-ulma", "organization": "me", "visibility": "private"}]
+    assert [p for _, p, _ in hub["calls"]] == ["/api/repos/create", "/api/validate-yaml",
+                                               "/api/models/me/tiny-ulma/preupload/main",
+                                               "/api/models/me/tiny-ulma/commit/main"]
+    (commit,) = hub["commits"]
+    assert commit["repo"] == "me/tiny-ulma" and commit["other"] == []
+    final = run_dir / "final"
+    on_disk = sorted(p.name for p in final.iterdir())
+    assert sorted(commit["files"]) == on_disk and "README.md" in on_disk and "adapter_model.safetensors" in on_disk
+    for name in on_disk:  # byte for byte
+        assert commit["files"][name] == (final / name).read_bytes(), name
+    assert b'AutoPeftModelForCausalLM.from_pretrained("me/tiny-ulma")' in commit["files"]["README.md"]
+
+
+def test_push_without_a_token_or_with_a_bad_repo_id_fails_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no saved token either
+    with pytest.raises(ConfigError, match=r"^train.push_to_hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN$"):
+        check_push("me/model")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(ConfigError, match=r"^train.push_to_hub: 'me/two words' is not a hub repo id \(like user/name\)"):
+        check_push("me/two words")
+
+
+def test_cli_merge_and_push(run_dir, hub, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_ENDPOINT": hub["url"]}
+    merged = tmp_path / "m"
+    done = subprocess.run([sys.executable, "-m", "ulma", "merge", str(run_dir), "--out", str(merged)],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"wrote the merged model to {merged}"  # (deepspeed may log a line first)
+    done = subprocess.run([sys.executable, "-m", "ulma", "push", str(merged), "me/merged"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"{hub['url']}/me/merged/commit/{'1' * 40}"
+    (commit,) = hub["commits"]
+    assert commit["files"]["model.safetensors"] == (merged / "model.safetensors").read_bytes()
+    assert b"library_name: transformers" in commit["files"]["README.md"]  # merge wrote the run's card
+    # a hub that refuses: one line naming the repo and the retry
+    env["HF_TOKEN"] = "wrong"
+    done = subprocess.run([sys.executable, "-m", "ulma", "push", str(merged), "me/merged"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    error = done.stderr.strip().splitlines()[-1]
+    assert error == (f"ulma: error: push of {merged} to me/merged failed: Client error '401 Unauthorized' for url "
+                     f"'{hub['url']}/api/repos/create'; retry with `ulma push {merged} me/merged`")
