@@ -4,7 +4,6 @@ The hub upload and `ulma merge` are in test_export.py."""
 from __future__ import annotations
 
 import importlib.util
-import json
 
 import pytest
 import torch
@@ -70,3 +69,79 @@ def test_wandb_missing_names_the_extra(tiny_model_dir, pointwise_file, tmp_path)
     cfg = tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "run", "train.report_to=[wandb]")
     with pytest.raises(ConfigError, match=r"^train.report_to: wandb is not installed: pip install 'ulma\[wandb\]'"):
         validate(cfg)
+
+
+def test_the_reward_loop_logs_its_rows_to_tensorboard_too(tiny_model_dir, tmp_path):
+    """method: reward has its own loop (no Accelerator): the same trackers, through ulma.tracking."""
+    pytest.importorskip("tensorboard")
+    from conftest import write_jsonl
+    from ulma.rlhf.reward import train_reward
+
+    rows = [{"prompt": f"Describe thing {i}.", "chosen": "Thank you, happy to help.", "rejected": "Go away."}
+            for i in range(16)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "rm"
+    cfg = load_config("configs/reward.yaml", [
+        f"model.name_or_path={tiny_model_dir}", "data.train.source=jsonl", f"data.train.path={data}",
+        "data.eval_fraction=0.25", "data.eval_limit=null", "data.train.limit=null", "data.max_length=64",
+        "train.micro_batch_size=4", "train.grad_accum=1", "train.bf16=false", "train.progress=false",
+        f"train.output_dir={out}", "model.lora.r=4", "train.max_steps=2", "train.report_to=[tensorboard]"])
+    train_reward(cfg)
+    rows = metrics(out)
+    scalars = event_scalars(out / "logs" / "ulma")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert scalars["loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in steps]
+    evals = [r for r in rows if "eval/pair_accuracy" in r]
+    assert scalars["eval/pair_accuracy"] == [(r["step"], pytest.approx(r["eval/pair_accuracy"])) for r in evals]
+
+
+def test_all_linear_puts_an_adapter_on_every_linear_but_the_output_layer(tiny_model_dir):
+    from peft.tuners.lora import LoraLayer
+
+    from ulma.models import load_policy
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.lora.target_modules=all-linear"])
+    assert cfg.model.lora.target_modules == "all-linear"
+    model = load_policy(cfg.model)
+    adapted = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    # the tiny Llama: 2 layers x (q, k, v, o, gate, up, down); lm_head (tied to the embedding) has none
+    per_layer = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                 "self_attn.q_proj", "self_attn.v_proj"]
+    assert adapted == [f"model.layers.{i}.{m}" for i in (0, 1) for m in per_layer]
+    # a list still means those module names; a number is neither form
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.lora.target_modules=[q_proj]"])
+    assert cfg.model.lora.target_modules == ["q_proj"]
+    with pytest.raises(ConfigError, match=r"^model.lora.target_modules: 3 fits none of"):
+        load_config(None, ["model.lora.target_modules=3"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None,
+                    reason="this machine can load in 4 bits")
+def test_load_in_4bit_without_a_gpu_is_one_config_error(tiny_model_dir, pointwise_file, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "run", "model.load_in_4bit=true")
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value) == ("model.load_in_4bit needs a CUDA GPU and bitsandbytes (pip install 'ulma[qlora]'); "
+                            "set model.load_in_4bit=false to train in full precision")
+    with pytest.raises(ConfigError, match=r"^model.load_in_4bit: trains LoRA adapters on a frozen 4-bit base; "
+                                          r"set model.lora.enabled=true$"):
+        validate(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "run", "model.load_in_4bit=true",
+                          "model.lora.enabled=false"))
+    with pytest.raises(ConfigError, match=r"^model.load_in_4bit: not supported by method 'reward'"):
+        validate(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "run", "model.load_in_4bit=true",
+                          "method.name=reward"))
+
+
+def test_load_in_4bit_from_the_command_line_is_one_line(tiny_model_dir, pointwise_file, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU here")
+    from ulma.cli import main
+
+    args = [f"model.name_or_path={tiny_model_dir}", "data.train.source=jsonl", f"data.train.path={pointwise_file}",
+            f"train.output_dir={tmp_path / 'run'}", "model.load_in_4bit=true"]
+    assert main(["train", "configs/sft.yaml", *args]) == 2
+    err = capsys.readouterr().err
+    assert err == ("ulma: error: model.load_in_4bit needs a CUDA GPU and bitsandbytes (pip install 'ulma[qlora]'); "
+                   "set model.load_in_4bit=false to train in full precision\n")
+    assert not (tmp_path / "run").exists()
