@@ -195,3 +195,40 @@ def test_cli_merge_and_push(run_dir, hub, tmp_path):
     error = done.stderr.strip().splitlines()[-1]
     assert error == (f"ulma: error: push of {merged} to me/merged failed: Client error '401 Unauthorized' for url "
                      f"'{hub['url']}/api/repos/create'; retry with `ulma push {merged} me/merged`")
+
+
+def test_train_push_to_hub_uploads_the_run_at_the_end(tiny_model_dir, hub, tmp_path):
+    """`ulma train ... train.push_to_hub=me/run` in a process of its own, HF_ENDPOINT at the loopback hub."""
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"Question {i}?", "completion": "An answer.", "label": bool(i % 2)} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_ENDPOINT": hub["url"]}
+    args = [f"model.name_or_path={tiny_model_dir}", "data.train.source=jsonl", f"data.train.path={data}",
+            "data.eval_fraction=0.25", "data.max_length=64", "train.micro_batch_size=4", "train.grad_accum=1",
+            "train.max_steps=1", "train.bf16=false", "train.progress=false", f"train.output_dir={out}",
+            "model.lora.r=4", "train.push_to_hub=me/run", "train.hub_private=true"]
+    done = subprocess.run([sys.executable, "-m", "ulma", "train", "configs/sft.yaml", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"pushed {out}/final to {hub['url']}/me/run/commit/{'1' * 40}" in done.stderr
+    assert hub["created"] == [{"name": "run", "organization": "me", "visibility": "private"}]
+    (commit,) = hub["commits"]
+    final = out / "final"
+    assert sorted(commit["files"]) == sorted(p.name for p in final.iterdir())
+    assert commit["files"]["adapter_model.safetensors"] == (final / "adapter_model.safetensors").read_bytes()
+    assert b"| method | sft (beta=0.1) |" in commit["files"]["README.md"]
+
+
+def test_train_push_to_hub_without_a_token_stops_before_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from ulma.cli import main
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    out = tmp_path / "run"
+    args = [f"model.name_or_path={tiny_model_dir}", f"train.output_dir={out}", "train.push_to_hub=me/run"]
+    assert main(["train", "configs/sft.yaml", *args]) == 2
+    assert capsys.readouterr().err == ("ulma: error: train.push_to_hub: no Hugging Face token; run `hf auth login` "
+                                       "or set HF_TOKEN\n")
+    assert not out.exists()
