@@ -15,18 +15,14 @@ from test_train import metrics, tiny_cfg
 
 
 def event_scalars(folder) -> dict:
-    """{tag: [(step, value), ...]} of every TensorBoard event file under ``folder``."""
+    """{tag: [(step, value), ...]} of TensorBoard's run in ``folder`` (all its event files,
+    read as TensorBoard reads them: a resumed writer's purge_step discards later events)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    files = sorted(folder.rglob("events.out.tfevents.*"))
-    assert files, f"no event file under {folder}"
-    out = {}
-    for f in files:
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
+    assert list(folder.glob("events.out.tfevents.*")), f"no event file in {folder}"
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_tensorboard_events_hold_the_metrics_rows(tiny_model_dir, pointwise_file, tmp_path):
@@ -46,6 +42,27 @@ def test_tensorboard_events_hold_the_metrics_rows(tiny_model_dir, pointwise_file
     assert scalars["eval/loss"] == [(r["step"], pytest.approx(r["eval/loss"], rel=1e-6)) for r in evals]
     expected_keys = {k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))}
     assert set(scalars) == expected_keys
+
+
+def test_a_resumed_run_replaces_the_interrupted_runs_later_events(tiny_model_dir, pointwise_file, tmp_path):
+    """As metrics.jsonl drops its rows after the checkpoint, TensorBoard drops its events there."""
+    pytest.importorskip("tensorboard")
+    import shutil
+
+    out = tmp_path / "run"
+    extra = ["train.save_every=2", "train.max_steps=4", "train.report_to=[tensorboard]"]
+    train(tiny_cfg(tiny_model_dir, pointwise_file, out, *extra))
+    first = event_scalars(out / "logs" / "ulma")["loss"]
+    shutil.rmtree(out / "checkpoints" / "step-000004")  # interrupted after step 2
+    shutil.rmtree(out / "final")  # (the events of steps 3 and 4 stay in the first event file)
+    train(tiny_cfg(tiny_model_dir, pointwise_file, out, *extra, "train.resume=true"))
+    assert len(list((out / "logs" / "ulma").glob("events.out.tfevents.*"))) == 2
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    scalars = event_scalars(out / "logs" / "ulma")
+    assert scalars["loss"] == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert scalars["loss"][:2] == first[:2]
+    assert [s for s, _ in scalars["eval/loss"]] == [0, 4]
 
 
 def test_a_tracker_that_is_not_installed_or_not_known_fails_at_start(tiny_model_dir, pointwise_file, tmp_path):

@@ -61,12 +61,17 @@ def tracker_values(row: dict) -> dict:
     return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
 
 
-def init_kwargs(output_dir: str | Path) -> dict:
-    """Per-tracker start options: a wandb run is named after the output folder."""
-    return {"wandb": {"name": Path(output_dir).name}}
+def init_kwargs(output_dir: str | Path, resumed_step: int = 0) -> dict:
+    """Per-tracker start options: a wandb run is named after the output folder; a run
+    resumed at step k has TensorBoard discard its events after k (``purge_step``), as
+    metrics.jsonl drops its rows after k: the replayed steps replace them."""
+    kwargs = {"wandb": {"name": Path(output_dir).name}}
+    if resumed_step:
+        kwargs["tensorboard"] = {"purge_step": resumed_step + 1}
+    return kwargs
 
 
-def start_trackers(names: list[str], output_dir: str | Path, config: dict) -> list:
+def start_trackers(names: list[str], output_dir: str | Path, config: dict, resumed_step: int = 0) -> list:
     """accelerate's tracker objects for a loop without an Accelerator (what
     ``Accelerator.init_trackers`` builds), started and given the config."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
@@ -74,7 +79,7 @@ def start_trackers(names: list[str], output_dir: str | Path, config: dict) -> li
     trackers = []
     for name in names:
         cls = LOGGER_TYPE_TO_CLASS[name]
-        kwargs = init_kwargs(output_dir).get(name, {})
+        kwargs = init_kwargs(output_dir, resumed_step).get(name, {})
         if cls.requires_logging_directory:
             tracker = cls(PROJECT, Path(output_dir) / LOG_DIR, **kwargs)
         else:
@@ -96,9 +101,12 @@ def accelerator_kwargs(names: list[str], output_dir: str | Path) -> dict:
                                                                            logging_dir=str(out / LOG_DIR))}
 
 
-def init_accelerator_trackers(acc, names: list[str], output_dir: str | Path, config: dict) -> None:
+def init_accelerator_trackers(acc, names: list[str], output_dir: str | Path, config: dict,
+                              resume_from: Path | None = None) -> None:
+    """Start the Accelerator's trackers; ``resume_from``: the checkpoint a resumed run starts from."""
     if names:
-        acc.init_trackers(PROJECT, config=tracker_config(config), init_kwargs=init_kwargs(output_dir))
+        step = json.loads((resume_from / "state.json").read_text())["step"] if resume_from else 0
+        acc.init_trackers(PROJECT, config=tracker_config(config), init_kwargs=init_kwargs(output_dir, step))
 
 
 def finish_trackers(trackers: list) -> None:

@@ -172,8 +172,8 @@ class Trainer:
         ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite,
                             delete=self.acc.is_main_process)
         self.acc.wait_for_everyone()
-        tracking.init_accelerator_trackers(self.acc, cfg.train.report_to, self.out, to_dict(cfg))
         self.resume_from = ckpt.latest_checkpoint(self.out) if cfg.train.resume else None
+        tracking.init_accelerator_trackers(self.acc, cfg.train.report_to, self.out, to_dict(cfg), self.resume_from)
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.data = prepare(cfg, self.tokenizer, self.method)
