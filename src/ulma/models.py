@@ -98,7 +98,8 @@ def load_policy(model_cfg, device: torch.device | None = None, frozen_dtype: tor
     if model_cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
-        # norms to float32, input gradients for LoRA; gradient checkpointing stays train.gradient_checkpointing's
+        # the weights left unquantised (norms, embeddings) in float32; gradient checkpointing stays
+        # train.gradient_checkpointing's (non-reentrant: it needs no input gradients)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if model_cfg.lora.enabled:
         model = add_lora(model, model_cfg.lora)
@@ -126,8 +127,9 @@ def check_4bit(model_cfg, method: str) -> None:
 
 
 def quantization_kwargs(model_cfg, device: torch.device | None) -> dict:
-    """``from_pretrained`` keywords of ``model.load_in_4bit`` (the QLoRA paper's setup): NF4
-    weights, bf16 compute, loaded straight onto ``device``; ``{}`` otherwise."""
+    """``from_pretrained`` keywords of ``model.load_in_4bit``: NF4 weights and bf16 compute
+    (the QLoRA paper's, without its double quantisation), loaded straight onto ``device``;
+    ``{}`` otherwise."""
     if not model_cfg.load_in_4bit:
         return {}
     from transformers import BitsAndBytesConfig
