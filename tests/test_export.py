@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from ulma.config import ConfigError
-from ulma.export import check_push, merge, model_card, push
+from ulma.export import check_push, hub_base_model, merge, model_card, push
 from ulma.train import train
 
 from test_train import tiny_cfg
@@ -144,6 +144,16 @@ def test_model_card_names_base_method_data_and_metrics(run_dir):
     loss = results["after"]["loss"]
     assert f"| loss | {results['before']['loss']:.4g} | {loss:.4g} |" in card
     assert 'AutoPeftModelForCausalLM.from_pretrained("me/tiny-ulma")' in card
+
+
+def test_the_cards_base_model_is_a_hub_id_or_nothing(tmp_path):
+    assert hub_base_model("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the offline alias
+    assert hub_base_model("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert hub_base_model(str(tmp_path)) is None  # a local folder
+    (tmp_path / "org").mkdir()
+    assert hub_base_model(str(tmp_path / "org" / "x")) is None and hub_base_model("./org/x") is None
+    assert hub_base_model("gpt2") == "gpt2" and hub_base_model(None) is None
+    assert hub_base_model("not a/hub id") is None
 
 
 def test_push_uploads_the_final_folder_and_card_over_http(run_dir, hub):

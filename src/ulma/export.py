@@ -94,7 +94,13 @@ def hub_base_model(name: str | None) -> str | None:
         return None
     if name.lower() == DEFAULT_MODEL:
         return DEFAULT_MODEL_HUB_ID
-    if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
         return None
     return name
 
@@ -109,8 +115,9 @@ def model_card(run_dir: str | Path, adapter: bool, merged: bool = False, repo_id
     model, method = cfg.get("model", {}), cfg.get("method", {})
     base_name = model.get("name_or_path")
     base = hub_base_model(base_name)
+    lora = ["lora"] if model.get("lora", {}).get("enabled") else []
     meta = ModelCardData(base_model=base, library_name="peft" if adapter else "transformers",
-                         tags=["ulma", method.get("name", "unknown"), *(["lora"] if model.get("lora", {}).get("enabled") else [])])
+                         tags=["ulma", method.get("name", "unknown"), *lora])
     lines = ["---", meta.to_yaml(), "---", "", f"# {method.get('name', 'ulma')} on {base or base_name}", "",
              f"Trained with ulma, method `{method.get('name')}`.", "",
              "| | |", "|---|---|", *_card_rows(results, cfg, base_name, merged), "", *_metric_table(results),
