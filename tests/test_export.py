@@ -1,13 +1,16 @@
 """`ulma merge` and `ulma push` / train.push_to_hub (ulma.export).
 
 The hub is a local HTTP server on loopback speaking the endpoints huggingface_hub calls for
-create_repo + upload_folder (repo creation, README metadata check, preupload, commit); it
-answers "regular" for every file, so file contents travel base64 in the commit's NDJSON.
-The LFS/Xet transfer that the real hub asks for large files is not exercised."""
+create_repo + upload_folder: repo creation, README metadata check, preupload (which answers
+"lfs" for *.safetensors, as the hub's .gitattributes does, and "regular" for the rest), the
+git-LFS batch API with its basic transfer (one PUT per file), and the commit (NDJSON: regular
+files inline in base64, LFS files by sha256).  Xet, the hub's newer storage for LFS files, is
+switched off (HF_HUB_DISABLE_XET): its chunked CAS protocol is not faked."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -31,9 +34,25 @@ TOKEN = "hf_loopback_test_token"
 class FakeHub(BaseHTTPRequestHandler):
     """The hub endpoints of create_repo and upload_folder; records what it received."""
 
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        data = b""
+        while size := int(self.rfile.readline().split(b";")[0], 16):
+            data += self.rfile.read(size)
+            self.rfile.readline()
+        self.rfile.readline()
+        return data
+
+    def do_PUT(self):  # the LFS basic transfer: the href the batch answer gave
+        hub = self.server.hub
+        hub["calls"].append(("PUT", self.path, None))
+        hub["lfs"][self.path.rsplit("/", 1)[1]] = self._body()
+        self._json(200, {})
+
     def do_POST(self):
         hub = self.server.hub
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = self._body()
         hub["calls"].append(("POST", self.path, self.headers.get("Authorization")))
         path = self.path.split("?")[0]
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
@@ -46,15 +65,23 @@ class FakeHub(BaseHTTPRequestHandler):
             return self._json(200, {"errors": [], "warnings": []})
         if path.endswith("/preupload/main"):
             files = json.loads(body)["files"]
-            return self._json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                              for f in files]})
+            mode = {True: "lfs", False: "regular"}
+            return self._json(200, {"files": [{"path": f["path"], "uploadMode": mode[f["path"].endswith(".safetensors")],
+                                               "shouldIgnore": False} for f in files]})
+        if path.endswith(".git/info/lfs/objects/batch"):
+            request = json.loads(body)
+            assert request["operation"] == "upload" and "basic" in request["transfers"]
+            return self._json(200, {"transfer": "basic", "objects": [
+                {"oid": o["oid"], "size": o["size"], "actions": {"upload": {"href": f"{hub['url']}/lfs/{o['oid']}"}}}
+                for o in request["objects"]]})
         if path.endswith("/commit/main"):
             lines = [json.loads(line) for line in body.decode().splitlines() if line]
             repo = path[len("/api/models/"):-len("/commit/main")]
             hub["commits"].append({"repo": repo, "header": lines[0],
                                    "files": {e["value"]["path"]: base64.b64decode(e["value"]["content"])
                                              for e in lines[1:] if e["key"] == "file"},
-                                   "other": [e for e in lines[1:] if e["key"] != "file"]})
+                                   "lfs": {e["value"]["path"]: e["value"] for e in lines[1:] if e["key"] == "lfsFile"},
+                                   "other": [e for e in lines[1:] if e["key"] not in ("file", "lfsFile")]})
             return self._json(200, {"commitUrl": f"{hub['url']}/{repo}/commit/{'1' * 40}", "commitOid": "1" * 40,
                                     "pullRequestUrl": None})
         return self._json(404, {"error": f"not faked: {path}"})
@@ -71,15 +98,30 @@ class FakeHub(BaseHTTPRequestHandler):
         pass
 
 
+def received(hub: dict, commit: dict) -> dict:
+    """{path: bytes} of one commit: its inline files, and its LFS files from their PUTs (each
+    named in the commit by the sha256 of what was PUT)."""
+    files = dict(commit["files"])
+    for path, entry in commit["lfs"].items():
+        data = hub["lfs"][entry["oid"]]
+        assert entry == {"path": path, "algo": "sha256", "oid": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        files[path] = data
+    return files
+
+
 @pytest.fixture
 def hub(monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    server.hub = {"url": url, "calls": [], "created": [], "commits": []}
+    server.hub = {"url": url, "calls": [], "created": [], "commits": [], "lfs": {}}
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")  # for `ulma` in a process of its own
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # in this process: read from the environment at import
     yield server.hub
     server.shutdown()
     server.server_close()
@@ -160,17 +202,23 @@ def test_push_uploads_the_final_folder_and_card_over_http(run_dir, hub):
     url = push(run_dir, "me/tiny-ulma", private=True, endpoint=hub["url"])
     assert url == f"{hub['url']}/me/tiny-ulma/commit/{'1' * 40}"
     assert hub["created"] == [{"name": "tiny-ulma", "organization": "me", "visibility": "private"}]
-    assert [p for _, p, _ in hub["calls"]] == ["/api/repos/create", "/api/validate-yaml",
-                                               "/api/models/me/tiny-ulma/preupload/main",
-                                               "/api/models/me/tiny-ulma/commit/main"]
     (commit,) = hub["commits"]
     assert commit["repo"] == "me/tiny-ulma" and commit["other"] == []
+    oid = commit["lfs"]["adapter_model.safetensors"]["oid"]
+    # each endpoint in this order (huggingface_hub 2.4 checks the README's metadata twice)
+    assert list(dict.fromkeys((m, p) for m, p, _ in hub["calls"])) == [
+        ("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"), ("POST", "/api/models/me/tiny-ulma/preupload/main"),
+        ("POST", "/me/tiny-ulma.git/info/lfs/objects/batch"), ("PUT", f"/lfs/{oid}"),
+        ("POST", "/api/models/me/tiny-ulma/commit/main")]
     final = run_dir / "final"
     on_disk = sorted(p.name for p in final.iterdir())
-    assert sorted(commit["files"]) == on_disk and "README.md" in on_disk and "adapter_model.safetensors" in on_disk
+    assert "README.md" in on_disk and "adapter_model.safetensors" in on_disk
+    assert sorted(commit["lfs"]) == ["adapter_model.safetensors"]  # the weights through LFS, the rest inline
+    files = received(hub, commit)
+    assert sorted(files) == on_disk
     for name in on_disk:  # byte for byte
-        assert commit["files"][name] == (final / name).read_bytes(), name
-    assert b'AutoPeftModelForCausalLM.from_pretrained("me/tiny-ulma")' in commit["files"]["README.md"]
+        assert files[name] == (final / name).read_bytes(), name
+    assert b'AutoPeftModelForCausalLM.from_pretrained("me/tiny-ulma")' in files["README.md"]
 
 
 def test_push_without_a_token_or_with_a_bad_repo_id_fails_before_any_work(monkeypatch, tmp_path):
@@ -195,8 +243,9 @@ def test_cli_merge_and_push(run_dir, hub, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == f"{hub['url']}/me/merged/commit/{'1' * 40}"
     (commit,) = hub["commits"]
-    assert commit["files"]["model.safetensors"] == (merged / "model.safetensors").read_bytes()
-    assert b"library_name: transformers" in commit["files"]["README.md"]  # merge wrote the run's card
+    files = received(hub, commit)
+    assert files["model.safetensors"] == (merged / "model.safetensors").read_bytes()
+    assert b"library_name: transformers" in files["README.md"]  # merge wrote the run's card
     # a hub that refuses: one line naming the repo and the retry
     env["HF_TOKEN"] = "wrong"
     done = subprocess.run([sys.executable, "-m", "ulma", "push", str(merged), "me/merged"],
@@ -225,10 +274,11 @@ def test_train_push_to_hub_uploads_the_run_at_the_end(tiny_model_dir, hub, tmp_p
     assert f"pushed {out}/final to {hub['url']}/me/run/commit/{'1' * 40}" in done.stderr
     assert hub["created"] == [{"name": "run", "organization": "me", "visibility": "private"}]
     (commit,) = hub["commits"]
+    files = received(hub, commit)
     final = out / "final"
-    assert sorted(commit["files"]) == sorted(p.name for p in final.iterdir())
-    assert commit["files"]["adapter_model.safetensors"] == (final / "adapter_model.safetensors").read_bytes()
-    assert b"| method | sft (beta=0.1) |" in commit["files"]["README.md"]
+    assert sorted(files) == sorted(p.name for p in final.iterdir())
+    assert files["adapter_model.safetensors"] == (final / "adapter_model.safetensors").read_bytes()
+    assert b"| method | sft (beta=0.1) |" in files["README.md"]
 
 
 def test_train_push_to_hub_without_a_token_stops_before_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
