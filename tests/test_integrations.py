@@ -65,6 +65,22 @@ def test_a_resumed_run_replaces_the_interrupted_runs_later_events(tiny_model_dir
     assert [s for s, _ in scalars["eval/loss"]] == [0, 4]
 
 
+def test_tracker_options_config_and_values_by_hand():
+    from ulma.tracking import init_kwargs, tracker_config, tracker_values
+
+    assert init_kwargs("runs/ulma-hh") == {"wandb": {"name": "ulma-hh", "dir": "runs/ulma-hh"}}
+    assert init_kwargs("runs/x", resumed_step=40)["tensorboard"] == {"purge_step": 41}
+    config = {"model": {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}, "name_or_path": "m"},
+              "data": {"eval": None, "train": {"options": {}}}, "train": {"report_to": []}}
+    assert tracker_config(config) == {"model.lora.r": 8, "model.lora.target_modules": '["q_proj", "v_proj"]',
+                                      "model.name_or_path": "m", "data.eval": None, "data.train.options": "{}",
+                                      "train.report_to": "[]"}
+    row = {"step": 3, "loss": 0.5, "loss_neg": None, "skipped": False, "grad_norm": float("nan"), "note": "x"}
+    values = tracker_values(row)
+    assert list(values) == ["loss", "skipped", "grad_norm"] and values["loss"] == 0.5 and values["skipped"] == 0.0
+    assert values["grad_norm"] != values["grad_norm"]  # NaN is sent: a skipped step shows as one
+
+
 def test_a_tracker_that_is_not_installed_or_not_known_fails_at_start(tiny_model_dir, pointwise_file, tmp_path):
     missing = next((n for n in ("clearml", "swanlab", "dvclive", "aim") if importlib.util.find_spec(n) is None), None)
     if missing is None:

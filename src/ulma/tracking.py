@@ -62,10 +62,11 @@ def tracker_values(row: dict) -> dict:
 
 
 def init_kwargs(output_dir: str | Path, resumed_step: int = 0) -> dict:
-    """Per-tracker start options: a wandb run is named after the output folder; a run
-    resumed at step k has TensorBoard discard its events after k (``purge_step``), as
-    metrics.jsonl drops its rows after k: the replayed steps replace them."""
-    kwargs = {"wandb": {"name": Path(output_dir).name}}
+    """Per-tracker start options: a wandb run is named after the output folder and keeps its
+    local files there (not in ./wandb of wherever ulma was started); a run resumed at step k
+    has TensorBoard discard its events after k (``purge_step``), as metrics.jsonl drops its
+    rows after k: the replayed steps replace them."""
+    kwargs = {"wandb": {"name": Path(output_dir).name, "dir": str(output_dir)}}
     if resumed_step:
         kwargs["tensorboard"] = {"purge_step": resumed_step + 1}
     return kwargs
