@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ulma import checkpoint as ckpt
+from ulma import checkpoint as ckpt, tracking
 from ulma.backward_step import BackwardStep
 from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split, prepare
@@ -71,7 +71,7 @@ def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_le
     return batches
 
 
-def make_accelerator():
+def make_accelerator(report_to: list[str] = (), output_dir: str | Path = "."):
     """The run's Accelerator; FSDP2 and DeepSpeed ZeRO also on the CPU (gloo).
 
     accelerate turns an FSDP config into FSDP only on GPU-like devices: with
@@ -80,7 +80,7 @@ def make_accelerator():
     switched to accelerate's FSDP2 path here (for tests and debugging without a GPU).
     FSDP1 cannot compute on the CPU (its compute device is always a GPU): an error.
     DeepSpeed is only used by accelerate with ``cpu=False``; on the CPU it then needs the
-    process counts fixed.
+    process counts fixed.  ``report_to``: experiment trackers (ulma.tracking), logging under ``output_dir``.
     """
     import os
 
@@ -88,7 +88,8 @@ def make_accelerator():
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    acc = Accelerator(cpu=not torch.cuda.is_available() and not wants_deepspeed)
+    acc = Accelerator(cpu=not torch.cuda.is_available() and not wants_deepspeed,
+                      **tracking.accelerator_kwargs(report_to, output_dir))
     if wants_deepspeed and not torch.cuda.is_available() and acc.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed's CPU accelerator (gloo without oneCCL) runs ZeRO on the CPU, but accelerate
         # counts 1 process there: take the counts from the process group it initialised.
@@ -168,12 +169,13 @@ class Trainer:
         validate(cfg)
         self.cfg = cfg
         self.method = METHODS[cfg.method.name]
-        self.acc = make_accelerator()
+        self.acc = make_accelerator(cfg.train.report_to, cfg.train.output_dir)
         self.out = Path(cfg.train.output_dir)
         ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite,
                             delete=self.acc.is_main_process)
         self.acc.wait_for_everyone()
         self.resume_from = ckpt.latest_checkpoint(self.out) if cfg.train.resume else None
+        tracking.init_accelerator_trackers(self.acc, cfg.train.report_to, self.out, to_dict(cfg), self.resume_from)
         set_seed(cfg.train.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path)
         self.data = prepare(cfg, self.tokenizer, self.method, load_split(cfg, examples))
@@ -498,6 +500,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.cfg.train.report_to:
+                self.acc.log(tracking.tracker_values(row), step=row["step"])
 
     def _nonfinite_weights(self) -> list[str]:
         """Trainable weights holding NaN/inf, in any process's shard (the same answer everywhere)."""
@@ -638,6 +642,7 @@ class Trainer:
             final = self.out / "final"
             ckpt.atomic_save_model(final, self.acc.unwrap_model(self.model), self.tokenizer, state_dict)
             ckpt.atomic_write_json(self.out / "results.json", results)
+        tracking.finish_trackers(self.acc.trackers)
         return results
 
 
@@ -649,8 +654,14 @@ TRAINERS = {"reward": "ulma.rlhf.reward:train_reward", "rlhf": "ulma.rlhf.ppo:tr
 def train(cfg: Config) -> dict:
     entry = TRAINERS.get(cfg.method.name)
     if entry is None:
-        return Trainer(cfg).run()
-    import importlib
+        results = Trainer(cfg).run()
+    else:
+        import importlib
 
-    module, function = entry.split(":")
-    return getattr(importlib.import_module(module), function)(cfg)
+        module, function = entry.split(":")
+        results = getattr(importlib.import_module(module), function)(cfg)
+    if cfg.train.push_to_hub:  # the final model and a model card, from the main process (ulma.export)
+        from ulma.export import push_after_training
+
+        push_after_training(cfg)
+    return results

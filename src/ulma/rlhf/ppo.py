@@ -241,7 +241,7 @@ class PPOTrainer:
         self.params = trainable_parameters(self.policy) + list(self.value_head.parameters())
         self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, updates)
         self.plan = self._plan()
-        self.log = MetricsLog(self.out)
+        self.log = MetricsLog(self.out, cfg.train.report_to, to_dict(cfg))
 
     def _prepare_prompts(self) -> None:
         cfg = self.cfg
@@ -423,6 +423,7 @@ class PPOTrainer:
                        data={**self.report, "reward_prompts_truncated": truncated})
         ckpt.atomic_save_model(self.out / "final", self._model_to_save(), self.tokenizer)
         ckpt.atomic_write_json(self.out / "results.json", results)
+        self.log.close()
         return results
 
 

@@ -262,7 +262,7 @@ class RewardTrainer:
         self.total_steps = self._total_steps()
         self.optimizer, self.scheduler = make_optimizer(trainable_parameters(self.model), cfg.train, self.total_steps)
         self.plan = self._plan()
-        self.log = MetricsLog(self.out)
+        self.log = MetricsLog(self.out, cfg.train.report_to, to_dict(cfg))
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
@@ -373,6 +373,7 @@ class RewardTrainer:
                        steps=self.total_steps)
         save_reward_model(self.model, self.tokenizer, self.out / "final")
         ckpt.atomic_write_json(self.out / "results.json", results)
+        self.log.close()
         return results
 
 

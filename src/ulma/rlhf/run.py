@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ulma import checkpoint as ckpt
+from ulma import checkpoint as ckpt, tracking
 from ulma.trainer import StepRows, fused_adamw, lr_factor, set_seed  # noqa: F401  (re-exported for the two loops)
 
 
@@ -19,18 +19,33 @@ def pick_device() -> torch.device:
 
 
 class MetricsLog:
-    """``OUTPUT/metrics.jsonl``: appended row by row, so a crash keeps every finished step."""
+    """``OUTPUT/metrics.jsonl``: appended row by row, so a crash keeps every finished step;
+    each row also goes to the trackers of ``train.report_to`` (ulma.tracking), given the
+    run's ``config``.  They start at :meth:`truncate`, where the run says its first step."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, report_to: list[str] = (), config: dict | None = None):
         self.path = Path(out) / "metrics.jsonl"
+        self.report_to, self.config, self.trackers = list(report_to), config or {}, None
+
+    def _start(self, step: int) -> list:
+        if self.trackers is None:
+            self.trackers = tracking.start_trackers(self.report_to, self.path.parent, self.config, step)
+        return self.trackers
 
     def write(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        for tracker in self._start(0):
+            tracker.log(tracking.tracker_values(row), step=row["step"])
+
+    def close(self) -> None:
+        tracking.finish_trackers(self.trackers or [])
 
     def truncate(self, step: int) -> None:
-        """Drop rows after ``step``: a resumed run writes them again."""
+        """The run starts at ``step`` (0, or a resumed checkpoint's): drop rows after it (a
+        resumed run writes them again) and start the trackers, which do the same."""
+        self._start(step)
         if not self.path.exists():
             return
         rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
