@@ -101,21 +101,24 @@ def select(examples: list, part: str | None, threshold: float | None) -> list:
     return [e for e in pw if (e.label >= thr) == want]
 
 
-def kl_partners(prompts: list, seed: int) -> list[int]:
+def kl_partners(prompts: list, seed: int, responses: list | None = None) -> list[int]:
     """For each unit i, the unit j whose response makes its mismatched KL row (x_i, y_j).
 
     A seeded shuffle is read as a cycle and each unit takes the next one around it whose
-    prompt differs from its own (a response to the same prompt would not be mismatched),
-    as TRL's KTO shifts each batch's completions by one.  Deterministic for a seed; with a
-    single prompt (or unit) the plain next one.
+    prompt differs from its own and, where one exists, whose response differs too (the same
+    prompt or the same text would not make a mismatched pair), as TRL's KTO shifts each
+    batch's completions by one.  Deterministic for a seed; with a single prompt (or unit)
+    the plain next one.
     """
     n = len(prompts)
+    responses = responses if responses is not None else [None] * n
     order = list(range(n))
     random.Random(seed).shuffle(order)
     partner = [0] * n
     for k, i in enumerate(order):
         nxt = [order[(k + s) % n] for s in range(1, n)] or [i]
-        partner[i] = next((j for j in nxt if prompts[j] != prompts[i]), nxt[0])
+        other = [j for j in nxt if prompts[j] != prompts[i]]
+        partner[i] = next((j for j in other if responses[j] != responses[i]), (other or nxt)[0])
     return partner
 
 
@@ -123,7 +126,7 @@ def add_kl_rows(units, examples: list, tok: Tokenizer, seed: int) -> None:
     """Give each point-wise unit (``examples[i]`` made unit i) a mismatched row
     (prompt_i, response_j) in the units' table, for KTO's reference point: the rows are in
     the table, so a precomputed reference covers them."""
-    partner = kl_partners([e.prompt for e in examples], seed)
+    partner = kl_partners([e.prompt for e in examples], seed, [e.response for e in examples])
     units.kl_rows = [tok.add(units.table, e.prompt, examples[j].response, f"kl:{e.origin}")
                      for e, j in zip(examples, partner)]
 
