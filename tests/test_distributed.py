@@ -44,6 +44,27 @@ def test_two_processes_match_one(tiny_model_dir, pointwise_file, tmp_path):
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
 
 
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this python")
+@pytest.mark.parametrize("method", ["kto", "bco"])
+def test_two_processes_match_one_for_kto_and_bco(method, tiny_model_dir, pointwise_file, tmp_path):
+    """KTO's z0 is the mean over the whole micro-batch's KL rows (gathered from both processes,
+    as TRL gathers it) and BCO's running mean moves by the whole step's rewards on both
+    processes: 2 processes x 2 units give the losses and weights of 1 process x 4 units."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_here([*_args(tiny_model_dir, pointwise_file, one, 4), f"method.name={method}"])
+    args2 = [*_args(tiny_model_dir, pointwise_file, two, 2), f"method.name={method}"]
+    r2 = subprocess.run([sys.executable, "-m", "ulma", "train", "--num-processes", "2", *args2[1:]],
+                        capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    l1 = [r["loss"] for r in metrics(one) if "loss" in r]
+    l2 = [r["loss"] for r in metrics(two) if "loss" in r]
+    assert len(l1) == len(l2) == 3 and l1 == pytest.approx(l2, rel=1e-4)
+    w1 = load_file(str(one / "final" / "adapter_model.safetensors"))
+    w2 = load_file(str(two / "final" / "adapter_model.safetensors"))
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
 # ---------------------------------------------------------------- FSDP2 on the CPU
 # accelerate runs an FSDP config on the CPU as plain DDP; ulma switches it to FSDP2 over gloo
 # (ulma.train.make_accelerator), so FSDP's sharded weights, gradients, optimizer states,
