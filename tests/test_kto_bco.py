@@ -33,8 +33,9 @@ def test_kl_partners_are_seeded_and_never_share_the_prompt():
 
 def test_kto_data_has_one_mismatched_row_per_unit(tokenizer, pointwise_file, tmp_path):
     """12 examples, eval_fraction 0.25 -> 9 train units over 9 distinct prompts and 2 distinct
-    responses (so a partner must have the other response): every unit's KL row is its prompt with another unit's response, in the table
-    (so the precomputed reference covers it) and after the unit's own rows in a batch."""
+    responses (so a partner must have the other response): every unit's KL row is its prompt
+    with another unit's response, in the table (so the precomputed reference covers it) and
+    after the unit's own rows in a batch."""
     from ulma.data.tokenize import collate
 
     cfg = tiny_cfg("unused", pointwise_file, tmp_path, "method.name=kto")

@@ -198,12 +198,16 @@ def _bco(inp, m):
 METHODS: dict[str, Method] = {
     m.name: m
     for m in [
-        Method("sft", _sft, "demonstration", False, authors_reduction="mean", help="NLL on demonstrations / positives (§3.1)"),
+        # authors_reduction "mean" for SFT: their SFT is Hugging Face's token-mean cross-entropy
+        Method("sft", _sft, "demonstration", False, authors_reduction="mean",
+               help="NLL on demonstrations / positives (§3.1)"),
         Method("dpo", _dpo, "pair", True, help="pair-wise DPO (Eq. 5)"),
-        Method("pointwise_dpo", _pointwise_dpo, "pointwise", True, authors_reduction="mean", help="point-wise DPO: Eq. 8 (binary), Eq. 9 (scores)"),
+        Method("pointwise_dpo", _pointwise_dpo, "pointwise", True, authors_reduction="mean",
+               help="point-wise DPO: Eq. 8 (binary), Eq. 9 (scores)"),
         Method("pointwise_dpo_mse", _pointwise_dpo_mse, "pointwise", True, authors_reduction="mean",
                help="point-wise DPO, MSE form (Eq. 9)"),
-        Method("ulma", _ulma, "pointwise", True, authors_reduction="mean", help="ULMA: NLL on positives + point-wise DPO on the rest (§4.3)"),
+        Method("ulma", _ulma, "pointwise", True, authors_reduction="mean",
+               help="ULMA: NLL on positives + point-wise DPO on the rest (§4.3)"),
         Method("unlearning", _unlearning, "pointwise", False, select="negative", authors_reduction="mean",
                help="minimise log pi on negatives"),
         Method("unlikelihood", _unlikelihood, "pointwise", False, authors_reduction="mean",
@@ -214,11 +218,13 @@ METHODS: dict[str, Method] = {
         ),
         Method("positive_dpo", _positive_dpo, "pointwise", True, select="positive", authors_reduction="mean",
                help="ablation: Eq. 8 on positives"),
+        Method("negative_dpo", _negative_dpo, "pointwise", True, select="negative", authors_reduction="mean",
+               help="ablation: Eq. 8 on negatives"),
+        # not in the paper: TRL's unpaired losses, for comparison
         Method("kto", _kto, "pointwise", True, kl_rows=True,
                help="KTO (Ethayarajh et al. 2024), as TRL: reference point from mismatched rows; not in the paper"),
         Method("bco", _bco, "pointwise", True, state=RunningMean,
-               help="BCO (Jung et al. 2024), as TRL without UDM: Eq. 8 shifted by the running mean reward; not in the paper"),
-        Method("negative_dpo", _negative_dpo, "pointwise", True, select="negative", authors_reduction="mean",
-               help="ablation: Eq. 8 on negatives"),
+               help="BCO (Jung et al. 2024), as TRL without UDM: Eq. 8 shifted by the running mean reward; "
+                    "not in the paper"),
     ]
 }
