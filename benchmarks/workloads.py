@@ -84,7 +84,7 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
 
     ``overrides`` switch a speed lever off, e.g. train={"group_by_length": False}; ``method_options``
     are method settings beside its name and beta."""
-    from ulma.train import Trainer
+    from ulma.trainer import Trainer
 
     trainer = Trainer(ulma_config(method, lora, data, steps, work, **overrides))
     t0 = time.perf_counter()

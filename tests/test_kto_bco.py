@@ -14,7 +14,7 @@ from test_train import metrics, tiny_cfg
 from ulma.config import load_config
 from ulma.data.prepare import kl_partners, prepare
 from ulma.methods import METHODS, logp_reduction
-from ulma.train import train
+from ulma.trainer import train
 
 
 def test_kl_partners_are_seeded_and_never_share_the_prompt():

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from conftest import write_jsonl
 from ulma.config import load_config
 from ulma.methods import METHODS
-from ulma.train import Trainer, lr_factor, train
+from ulma.trainer import Trainer, lr_factor, train
 
 
 @pytest.fixture
@@ -274,7 +274,7 @@ def test_compiled_lora_layers_see_inputs_that_need_a_gradient_only_where_autogra
     """Under LoRA the embedding is frozen: with train.compile its output is made to need a
     gradient (every layer's input alike: one graph), but not under no_grad (Hugging Face's
     enable_input_require_grads sets it there too, and a no_grad pass then needs two graphs)."""
-    from ulma.train import _input_requires_grad
+    from ulma.trainer import _input_requires_grad
 
     emb = torch.nn.Embedding(5, 3).requires_grad_(False)
     emb.register_forward_hook(_input_requires_grad)
@@ -285,7 +285,7 @@ def test_compiled_lora_layers_see_inputs_that_need_a_gradient_only_where_autogra
 
 
 def test_step_rows_average_windows_by_hand():
-    from ulma.train import StepRows
+    from ulma.trainer import StepRows
 
     rows = StepRows(3, save_every=0, total=4)
     steps = [{"loss": 1.0, "loss_pos": None, "lr": 0.3, "skipped": False, "seconds": 0.5, "step": 1},

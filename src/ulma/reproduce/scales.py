@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from ulma.config import ConfigError, LoraConfig, _set_dotted, from_dict
+from ulma.config import ConfigError, LoraConfig, _set_dotted, from_dict, parse_assignments
 
 PAPER_MODEL = "lmsys/vicuna-7b-v1.5"
 
@@ -145,18 +145,12 @@ AUTHORS_SETUP = {"policy.logp_reduction": "auto", "policy.lora.dropout": 0.0, "p
 
 def load_scale(name: str, overrides: list[str] | tuple = ()) -> Scale:
     """The preset ``name`` with ``section.key=value`` overrides (values read as YAML)."""
-    import yaml
-
     if name not in SCALES:
         raise ConfigError(f"unknown scale {name!r}; choose one of {sorted(SCALES)}")
     raw = dataclasses.asdict(SCALES[name]())
-    given = {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r} must look like section.key=value")
-        given[key.strip()] = yaml.safe_load(value)
-        _set_dotted(raw, key.strip(), given[key.strip()])
+    given = dict(parse_assignments(overrides, "--set", "section.key=value"))
+    for key, value in given.items():
+        _set_dotted(raw, key, value)
     if (raw.get("policy") or {}).get("setup") == "authors":
         for key, value in AUTHORS_SETUP.items():
             if key in given and given[key] != value:

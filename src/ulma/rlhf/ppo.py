@@ -269,7 +269,7 @@ class PPOTrainer:
         return max(1, math.ceil(t.epochs * len(self.prompts) / self.cfg.ppo.rollout_batch))
 
     def _plan(self) -> list[list[int]]:
-        from ulma.train import epoch_plan
+        from ulma.trainer import epoch_plan
 
         plan, epoch = [], 0
         while len(plan) < self.total_steps:

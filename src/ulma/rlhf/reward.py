@@ -283,7 +283,7 @@ class RewardTrainer:
         return max(1, math.ceil(t.epochs * math.ceil(len(self.data.train) / t.micro_batch_size) / t.grad_accum))
 
     def _plan(self) -> list[list[int]]:
-        from ulma.train import epoch_plan
+        from ulma.trainer import epoch_plan
 
         t = self.cfg.train
         needed, plan, epoch = self.total_steps * t.grad_accum, [], 0

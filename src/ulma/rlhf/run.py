@@ -1,6 +1,6 @@
 """What the reward and PPO loops share with the main loop's outputs: the device, seeds,
 ``metrics.jsonl`` (one JSON row per ``train.log_every`` steps), trimming it on resume, and
-the optimizer with its warmup + cosine schedule (:func:`ulma.train.lr_factor`)."""
+the optimizer with its warmup + cosine schedule (:func:`ulma.trainer.lr_factor`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ulma import checkpoint as ckpt
-from ulma.train import StepRows, fused_adamw, lr_factor, set_seed  # noqa: F401  (re-exported for the two loops)
+from ulma.trainer import StepRows, fused_adamw, lr_factor, set_seed  # noqa: F401  (re-exported for the two loops)
 
 
 def pick_device() -> torch.device:
