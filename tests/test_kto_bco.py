@@ -100,3 +100,14 @@ def test_logp_reduction_auto_is_the_authors_choice_per_method():
     for how in ("sum", "mean"):
         cfg = load_config(None, [f"method.logp_reduction={how}"]).method
         assert {logp_reduction(m, cfg) for m in METHODS.values()} == {how}
+
+
+def test_kto_live_reference_scores_the_kl_rows_as_the_precomputed_one(tiny_model_dir, pointwise_file, tmp_path):
+    """Full fine-tuning with a live reference copy runs pi_ref on each batch's KL rows too:
+    the same losses as the reference log-probs precomputed over the table."""
+    common = ["method.name=kto", "model.lora.enabled=false", "train.max_steps=2"]
+    train(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "live", *common, "model.reference=live"))
+    train(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / "pre", *common, "model.reference=precompute"))
+    ll = [r["loss"] for r in metrics(tmp_path / "live") if "loss" in r]
+    lp = [r["loss"] for r in metrics(tmp_path / "pre") if "loss" in r]
+    assert len(ll) == 2 and ll == pytest.approx(lp, rel=1e-5)
