@@ -430,3 +430,14 @@ def test_bad_names_fail_clearly(capsys):
     assert "unknown key policy.'learning_rate'" in capsys.readouterr().err
     assert reproduce("table1", "--scale", "paper", "--set", "num_processes=3", "--dry-run") == 2
     assert "policy.batch_size: 64 is not a multiple of micro_batch_size x processes = 8 x 3" in capsys.readouterr().err
+
+
+def test_medium_scale_dry_run_is_one_seed_on_local_data(tmp_path, capsys):
+    assert reproduce("table1", "--scale", "medium", "--datasets", "hh,red_team", "--dry-run",
+                     "--out", str(tmp_path / "out")) == 0
+    text = capsys.readouterr().out
+    # (7 methods + KTO, BCO) x (HH, PyRIT) x 1 seed = 18 cells; + 2 splits, 2 judges, 2 RLHF reward models = 24 jobs
+    assert text.startswith("ulma reproduce table1 at scale medium: 1 seed(s), 18 cells, 24 jobs")
+    assert "seeds 1 (paper 3)" in text and "split.train_prompts 480 (paper None)" in text
+    assert "harmless-base-test.part.jsonl.gz" in text and "cells/pyrit/kto/seed0" in text
+    assert "batch 16 = 8 x 2 x 1 process(es), lr 0.0001 cosine (warmup 0.05)" in text

@@ -127,7 +127,9 @@ def paper_data_sets() -> dict:
 
 def data_sets(scale: str, paths: dict | None = None) -> dict:
     """slot -> DataSet at ``scale``; ``paths`` (slot or data-set name -> file) replace the defaults."""
-    found = cpu_data_sets() if scale == "cpu" else paper_data_sets()
+    from ulma.reproduce.scales import LOCAL_SCALES
+
+    found = cpu_data_sets() if scale in LOCAL_SCALES else paper_data_sets()
     for key, path in (paths or {}).items():
         slot = slot_of(key, found)
         old = found[slot]
