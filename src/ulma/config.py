@@ -93,8 +93,7 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar length: less padding
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
     fused_logps: bool = True  # output layer only at scored positions, chunked: no [N, T, V] logits (logprobs.py)
-    share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py;
-    # a forward-only batch on a CPU is one row without padding either way, ulma.attention)
+    share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py)
     bf16_frozen_weights: bool = True  # under bf16 autocast, frozen Linear weights (LoRA's base, a reference copy, PPO's reward model) kept in bf16
     fused_optimizer: bool = True  # torch's fused AdamW (one kernel for all parameters); not under FSDP/DeepSpeed
     optimizer_in_backward: bool = False  # AdamW applied to each parameter as its gradient completes, which is then

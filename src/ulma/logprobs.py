@@ -282,17 +282,14 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     scored positions, chunk by chunk (:class:`LinearTokenLogps`), from the final hidden
     states; otherwise from the model's logits of the last positions (:func:`token_logps`).
     ``share_prompts`` (with ``fused``): rows with the same prompt -- a pair's chosen and
-    rejected -- run that prompt once (:func:`pack_prompts`).  Without gradients on a CPU the
-    batch runs as one row without padding (:func:`pack_segments`, :func:`use_segments`).
+    rejected -- run that prompt once (:func:`pack_prompts`).
     ``head_weight``: the output layer's weight already in the compute dtype, for a pass
     without gradients (:func:`cast_once`); the fused path then casts none.
     """
     head = fusable_head(model) if fused else None
     if head is not None:
         pack = None
-        if use_segments(model, head.weight.device):
-            pack = pack_segments(batch, share_prompts)
-        elif share_prompts and _can_share(model):
+        if share_prompts and _can_share(model):
             pack = pack_prompts(batch, int(getattr(_config(model), "hidden_size", 0) or 0))
         weight = head.weight if head_weight is None else head_weight
         return _fused_logps(model, head, weight, batch, bf16, need_tokens, pack)
@@ -314,7 +311,7 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
 def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool, pack: dict | None = None) -> dict:
     """Log-probs from the final hidden states at the scored positions (``head``: the output
     layer, :func:`fusable_head`; ``weight``: its [V, H] weight, maybe already cast), of the
-    batch's rows or of their packed form (:func:`pack_prompts`, :func:`pack_segments`: each
+    batch's rows or of their packed form (:func:`pack_prompts`: each
     distinct prompt runs once, and gradients reach it from every response that shares it)."""
     device = weight.device
     # The scored positions are found where the batch was built (on the CPU): indexing with
@@ -328,7 +325,7 @@ def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool
         at, targets = (rows, cols), ids[rows, cols + 1]
     else:  # the same scored tokens, in the same order
         p = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in pack.items()}
-        inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids", "segments") if k in p}
+        inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids")}
         at, targets = (p["src_row"], p["src_pos"]), p["targets"]
     with autocast(device, bf16, forward_cache(model)):
         hidden = final_hidden_states(model, inputs, head)  # [rows, width, H], after the final norm
@@ -409,7 +406,7 @@ def _can_share(model) -> bool:
     take as it is with PyTorch's scaled-dot-product attention (not eager or flash-attn), and
     then apply no sliding window of their own."""
     config = _config(model)
-    return getattr(config, "_attn_implementation", None) in ("sdpa", "ulma_sdpa") and not _sliding(config)
+    return getattr(config, "_attn_implementation", None) == "sdpa" and not _sliding(config)
 
 
 def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
@@ -457,37 +454,9 @@ def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
             o += m
         pad = torch.arange(o, w)
         mask[p, pad, pad] = True
-    rows, token, src_pos = _scored_sources(scored[:, 1:], start, torch.zeros_like(offset), offset)
+    rows, token, src_pos = _scored_sources(scored[:, 1:], start, offset)
     return {"input_ids": packed, "position_ids": positions, "attention_mask": mask[:, None],
             "src_row": home[rows], "src_pos": src_pos, "targets": ids[rows, token]}
-
-
-def use_segments(model, device: torch.device) -> bool:
-    """Whether batches for ``model`` are packed into one row without padding and run with
-    :mod:`ulma.attention`'s block-by-block attention (installing it): in a forward pass
-    without gradients (reference log-probs, evaluation, perplexity) on a CPU, for a model on
-    PyTorch's scaled-dot-product attention without sliding windows, and whose layers are not
-    compiled (``train.compile``: a graph traced through one batch's blocks would be traced
-    again for every batch).
-
-    Measured on a 2-core bf16 CPU (SmolLM2-135M, HH rows): a 32-row forward-only pass ~6%
-    faster (matrix products 2.04 -> 1.90 s, attention 0.49 -> 0.39 s).  Not in training:
-    there the steps took the same time (full fine-tuning with checkpointing, alternating
-    runs: 20.5 / 21.1 s against 21.4 / 19.7 s for 4 steps) at 100-160 MB more resident memory
-    (oneDNN keeps a kernel for each new attention shape, and the blocks have many: memory in
-    use after a step 1298 MB, 1241 with ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=16``).  Not on a
-    GPU, where a layer's dozens of small attention calls would be bound by kernel launches
-    (not measured)."""
-    if torch.is_grad_enabled() or device.type != "cpu":
-        return False
-    config = _config(model)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "ulma_sdpa"):
-        return False
-    if _sliding(config) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
-        return False
-    from ulma.attention import install
-
-    return install(model)
 
 
 def _sliding(config) -> bool:
@@ -498,77 +467,22 @@ def _sliding(config) -> bool:
     return "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"])
 
 
-def pack_segments(batch: dict, share_prompts: bool = True) -> dict | None:
-    """A right-padded batch as one row [1, T] without padding, for :mod:`ulma.attention`.
-
-    Each group of rows with one prompt (``share_prompts``; else each row alone) lies as
-    [prompt, response_1, ..., response_k]: the prompt and the first response are one causal
-    block, each later response a block that sees the prompt and itself (causally), at the
-    positions that continue the prompt.  A row's prompt is its tokens before the first
-    scored one (``loss_mask``, from position 1), its response the tokens from there to the
-    one before its last scored token (the last is a target only: no position after it is
-    scored).  Rows with nothing scored are left out: no scored token needs them.
-
-    Returns CPU tensors input_ids / position_ids / attention_mask (all ones) [1, T],
-    ``segments`` (:class:`ulma.attention.Segments`), and for the M scored tokens of the
-    batch, in the row-major order of ``loss_mask[:, 1:]``: src_row (zeros) / src_pos [M],
-    the packed position whose hidden state scores the token, and targets [M].
-    """
-    from ulma.attention import Segments
-
-    ids, scored = batch["input_ids"], batch["loss_mask"][:, 1:].bool()
-    # first and last scored token of each row (position c of scored is token c + 1); -1: none.
-    # A row runs up to the token before its last scored one: the tokens after it score
-    # nothing and nothing scored attends to them.
-    first = torch.where(scored.any(1), scored.int().argmax(1) + 1, -1).tolist()
-    end = (scored.shape[1] - scored.flip(1).int().argmax(1)).tolist()  # last scored token
-    groups = _prompt_groups(ids, first, share_prompts)
-    if not groups:
-        return None  # nothing scored: the rows run as they are
-    pieces, positions, blocks = [], [], []
-    prompt_at, response_at = [0] * len(first), [0] * len(first)
-    t = 0
-    for rows in groups.values():
-        f0 = first[rows[0]]
-        prompt_at_group = t
-        pieces.append(ids[rows[0], :f0])
-        positions.append(torch.arange(f0))
-        t += f0
-        for k, i in enumerate(rows):
-            f, m = first[i], end[i] - first[i]
-            pieces.append(ids[i, f : f + m])
-            positions.append(torch.arange(f, f + m))
-            prompt_at[i], response_at[i] = prompt_at_group, t
-            if k == 0:
-                blocks.append((prompt_at_group, t + m, prompt_at_group, prompt_at_group))
-            elif m:  # (a one-token response is scored from the prompt alone)
-                blocks.append((t, t + m, prompt_at_group, prompt_at_group + f))
-            t += m
-    rows, token, src_pos = _scored_sources(scored, torch.tensor(first), torch.tensor(prompt_at),
-                                           torch.tensor(response_at))
-    packed = torch.cat(pieces)[None]
-    return {"input_ids": packed, "position_ids": torch.cat(positions)[None],
-            "attention_mask": torch.ones_like(packed), "segments": Segments(tuple(blocks)),
-            "src_row": torch.zeros_like(rows), "src_pos": src_pos, "targets": ids[rows, token]}
-
-
-def _prompt_groups(ids: torch.Tensor, first: list[int], share: bool = True) -> dict:
+def _prompt_groups(ids: torch.Tensor, first: list[int]) -> dict:
     """Row indices by prompt, a row's tokens before ``first[i]``, its first scored token (in
-    the order the prompts first appear); rows with ``first[i] < 1`` are left out.  ``share``
-    False: each row a group of its own."""
+    the order the prompts first appear); rows with ``first[i] < 1`` are left out."""
     groups: dict = {}
     for i, f in enumerate(first):
         if f > 0:
-            groups.setdefault(tuple(ids[i, :f].tolist()) if share else i, []).append(i)
+            groups.setdefault(tuple(ids[i, :f].tolist()), []).append(i)
     return groups
 
 
-def _scored_sources(scored: torch.Tensor, first: torch.Tensor, prompt_at: torch.Tensor, response_at: torch.Tensor):
+def _scored_sources(scored: torch.Tensor, first: torch.Tensor, response_at: torch.Tensor):
     """For the scored tokens of a packed batch (``scored`` [N, T-1]: ``loss_mask[:, 1:]``,
     position c scores token c + 1), in row-major order: (row [M], token [M], source [M]), the
     packed position whose hidden state scores each token.  A row's first response token
-    (``first`` [N]) is scored from its prompt's last position (its prompt starts at
-    ``prompt_at`` [N]), the others from the response itself (which starts at ``response_at``)."""
+    (``first`` [N]) is scored from its prompt's last position (prompts start at 0), the
+    others from the response itself (which starts at ``response_at`` [N])."""
     rows, cols = scored.nonzero(as_tuple=True)
     token, f = cols + 1, first[rows]
-    return rows, token, torch.where(token == f, prompt_at[rows] + f - 1, response_at[rows] + token - 1 - f)
+    return rows, token, torch.where(token == f, f - 1, response_at[rows] + token - 1 - f)
