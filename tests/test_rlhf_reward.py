@@ -13,7 +13,8 @@ from ulma.config import ConfigError, load_config
 from ulma.data.prepare import load_split
 from ulma.data.schema import pointwise, user_prompt
 from rlhf_fixtures import word_tokenizer  # noqa: F401  (a fixture)
-from ulma.rlhf.reward import RewardScorer, resolve_loss, train_reward, training_pairs
+from ulma.rlhf.reward import resolve_loss, train_reward, training_pairs
+from ulma.scoring import RewardScorer
 
 GOOD = ["Thank you for asking about {t}, happy to help.", "Sure, thank you! {t} is a lovely subject.",
         "Happy to help with {t}, thank you for the question."]

@@ -293,12 +293,11 @@ def validate(cfg: Config) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
-    from ulma.methods import METHODS
-    from ulma.train import TRAINERS
+    from ulma.methods import LOOPS, METHODS
 
-    if cfg.method.name not in METHODS and cfg.method.name not in TRAINERS:
+    if cfg.method.name not in METHODS and cfg.method.name not in LOOPS:
         raise ConfigError(
-            f"method.name: unknown method {cfg.method.name!r}; choose one of {sorted(METHODS) + sorted(TRAINERS)}"
+            f"method.name: unknown method {cfg.method.name!r}; choose one of {sorted(METHODS) + sorted(LOOPS)}"
         )
     _validate_rlhf(cfg)
 

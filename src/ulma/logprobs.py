@@ -36,12 +36,6 @@ def _picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
-def sequence_logps(logits, input_ids, loss_mask):
-    """Sum of response-token log-probs and the token count per sequence: ([N], [N])."""
-    logps, mask = token_logps(logits, input_ids, loss_mask)
-    return logps.sum(-1), mask.sum(-1)
-
-
 def reduce_logps(total: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
     """log pi(y|x) as a sum over response tokens, or their mean (the authors' point-wise code)."""
     if reduction == "sum":

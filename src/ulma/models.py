@@ -246,9 +246,3 @@ class Reference:
 
 def trainable_parameters(model) -> list:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def save_model(model, tokenizer, folder: Path) -> None:
-    """Hugging Face format: the adapter (LoRA) or the full model, plus the tokenizer."""
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ulma import checkpoint as ckpt
+from ulma.atomic import atomic_torch_save, atomic_write_json, atomic_write_text
 from ulma.backward_step import BackwardStep
 from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import prepare
@@ -26,7 +27,7 @@ from ulma.data.tokenize import collate
 from ulma.evaluation.metrics import evaluate, table_logps
 from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf16
 from ulma.losses import group_mean
-from ulma.methods import METHODS, LossInputs
+from ulma.methods import DEFAULT_LOOP, LOOPS, METHODS, LossInputs
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 
 
@@ -467,7 +468,7 @@ class Trainer:
             train = self._table_logps(net, self.data.train.table, "reference log-probs") if need_train else None
             evals = self._table_logps(net, self.data.eval.table, "reference log-probs (held out)")
         if self.acc.is_main_process:
-            ckpt.atomic_torch_save({"train": train, "eval": evals}, path)
+            atomic_torch_save({"train": train, "eval": evals}, path)
         return train, evals
 
     def _table_logps(self, net, table, desc: str) -> dict:
@@ -625,7 +626,7 @@ class Trainer:
         if not (self.acc.is_main_process and path.exists()):
             return
         rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        ckpt.atomic_write_text(path, "".join(r + "\n" for r in rows))
+        atomic_write_text(path, "".join(r + "\n" for r in rows))
 
     def _finish(self, results: dict) -> dict:
         results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps,
@@ -635,20 +636,17 @@ class Trainer:
         if self.acc.is_main_process:
             final = self.out / "final"
             ckpt.atomic_save_model(final, self.acc.unwrap_model(self.model), self.tokenizer, state_dict)
-            ckpt.atomic_write_json(self.out / "results.json", results)
+            atomic_write_json(self.out / "results.json", results)
         return results
 
 
-# Methods that are not a loss over log-probs run their own loop: name -> "module:function(cfg)".
-# Imported on use, so `import ulma.train` stays light and free of import cycles.
-TRAINERS = {"reward": "ulma.rlhf.reward:train_reward", "rlhf": "ulma.rlhf.ppo:train_ppo"}
+def train_policy(cfg: Config) -> dict:
+    return Trainer(cfg).run()
 
 
 def train(cfg: Config) -> dict:
-    entry = TRAINERS.get(cfg.method.name)
-    if entry is None:
-        return Trainer(cfg).run()
+    """Run ``cfg``'s method in the loop the method registry names for it."""
     import importlib
 
-    module, function = entry.split(":")
+    module, function = LOOPS.get(cfg.method.name, DEFAULT_LOOP).split(":")
     return getattr(importlib.import_module(module), function)(cfg)

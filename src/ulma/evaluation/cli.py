@@ -251,8 +251,8 @@ def cmd_agreement(args) -> int:
 
 def cmd_report(args) -> int:
     from ulma.evaluation.io import EvalError
+    from ulma.atomic import atomic_write_text
     from ulma.evaluation.report import load_result, markdown, plot_bars
-    from ulma.checkpoint import atomic_write_text
 
     criteria = dict(_pair(c) for c in args.criterion)
     results = [load_result(f) for f in args.folders]

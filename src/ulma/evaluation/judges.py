@@ -244,12 +244,12 @@ class RewardModelJudge:
     ``method.name=reward`` saves it): the model's answer wins when r(model) - r(reference)
     > tie_margin, loses when it is < -tie_margin, ties otherwise.  It judges one criterion.
 
-    Scoring is :class:`ulma.rlhf.reward.RewardScorer`'s: the reward model's own tokenizer
+    Scoring is :class:`ulma.scoring.RewardScorer`'s: the reward model's own tokenizer
     and chat template, padded batches, the checkpoint's head at the last non-padding token.
     """
 
     def __init__(self, cfg):
-        from ulma.rlhf.reward import RewardScorer
+        from ulma.scoring import RewardScorer
 
         self.cfg = cfg
         self.scorer = RewardScorer(cfg.model, max_length=cfg.max_length, batch_size=cfg.batch_size,

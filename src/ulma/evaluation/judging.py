@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ulma.atomic import atomic_write_json, atomic_write_jsonl
 from ulma.evaluation.generate import read_generations
-from ulma.evaluation.io import atomic_write_json, atomic_write_jsonl
 from ulma.evaluation.judges import Comparison
 from ulma.evaluation.winrates import rate_intervals, rates, summarize
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ulma import checkpoint as ckpt
+from ulma.atomic import atomic_write_json
 from ulma.config import Config
 from ulma.evaluation.io import read_json
 from ulma.evaluation.report import default_criterion
@@ -69,7 +69,7 @@ class Job:
 
     def finish(self, **info) -> None:
         settings = self.ctx.relative(self.settings())
-        ckpt.atomic_write_json(self.folder / MARKER, {"settings": settings, "finished": time.time(), **info})
+        atomic_write_json(self.folder / MARKER, {"settings": settings, "finished": time.time(), **info})
 
     def describe(self) -> str:
         raise NotImplementedError

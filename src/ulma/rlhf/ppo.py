@@ -4,7 +4,7 @@ One step:
 
 1. sample ``ppo.rollout_batch`` prompts (cut from the left to ``data.max_length -
    ppo.max_new_tokens`` tokens, counted) and generate a response to each from the policy;
-2. score the response *text* with the reward (a :class:`~ulma.rlhf.reward.RewardScorer`
+2. score the response *text* with the reward (a :class:`~ulma.scoring.RewardScorer`
    on ``ppo.reward_model``, which re-tokenises it, or any Python callable);
 3. with the rollout's policy log-probs, reference log-probs (LoRA: the base with the
    adapters disabled) and values, build per-token rewards ``-beta * KL_t`` plus the score
@@ -33,9 +33,11 @@ from typing import Callable, Optional
 import torch
 
 from ulma import checkpoint as ckpt
+from ulma.atomic import atomic_write_json
 from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split
 from ulma.data.tokenize import Tokenizer, fit, left_pad
+from ulma.evaluation.generate import generate_tokens
 from ulma.logprobs import autocast, token_logps, use_bf16
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 from ulma.rlhf import losses as RL
@@ -73,22 +75,6 @@ def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding (what ``generate`` uses), ``[N, T]``."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def generate(policy, ids: torch.Tensor, attn: torch.Tensor, ppo_cfg, tokenizer, bf16: bool) -> torch.Tensor:
-    """Sample one response per prompt: ``[N, R]`` token ids (R <= max_new_tokens), EOS-padded."""
-    from transformers import GenerationConfig
-
-    gen = GenerationConfig(
-        do_sample=True, temperature=ppo_cfg.temperature, top_p=ppo_cfg.top_p, top_k=0,
-        max_new_tokens=ppo_cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True,
-    )
-    device = next(policy.parameters()).device
-    with autocast(device, bf16):
-        out = policy.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen)
-    return out[:, ids.shape[1] :].cpu()
 
 
 def policy_forward(model, value_head: Optional[ValueHead], input_ids, attention_mask, mask, temperature: float,
@@ -149,7 +135,9 @@ class Rollout:
 def sample(policy, tokenizer, prompts: list, prompt_ids: list, ppo_cfg, bf16: bool) -> Rollout:
     """Generate a response to each prompt; decode it for the reward."""
     ids, attn = left_pad(prompt_ids, tokenizer.pad_token_id)
-    response = generate(policy, ids, attn, ppo_cfg, tokenizer, bf16)
+    response = generate_tokens(policy, ids, attn, max_new_tokens=ppo_cfg.max_new_tokens, stops=[tokenizer.eos_token_id],
+                               pad_id=tokenizer.pad_token_id, sample=True, temperature=ppo_cfg.temperature,
+                               top_p=ppo_cfg.top_p, bf16=bf16)
     mask = response_mask(response, tokenizer.eos_token_id)
     content = [row[m & (row != tokenizer.eos_token_id)].tolist() for row, m in zip(response, mask)]
     texts = tokenizer.batch_decode(content, skip_special_tokens=True)
@@ -210,7 +198,7 @@ class PPOTrainer:
     """PPO with LoRA (or full fine-tuning), a value head and a KL penalty to the reference.
 
     ``reward``: a callable ``(prompts, texts, token_ids) -> Tensor [N]``; None loads a
-    :class:`~ulma.rlhf.reward.RewardScorer` from ``ppo.reward_model``.
+    :class:`~ulma.scoring.RewardScorer` from ``ppo.reward_model``.
     """
 
     def __init__(self, cfg: Config, reward: Optional[RewardFn] = None):
@@ -256,7 +244,7 @@ class PPOTrainer:
                        "skipped_rows": len(skipped), "skipped_first": [str(e) for e in skipped[:5]]}
 
     def _reward_model(self) -> RewardFn:
-        from ulma.rlhf.reward import RewardScorer
+        from ulma.scoring import RewardScorer
 
         p = self.cfg.ppo
         return RewardScorer(p.reward_model, self.device, p.reward_max_length, self.cfg.train.micro_batch_size, self.bf16,
@@ -419,7 +407,7 @@ class PPOTrainer:
         results.update(method="rlhf", beta=self.beta, config=to_dict(self.cfg), steps=self.total_steps,
                        data={**self.report, "reward_prompts_truncated": truncated})
         ckpt.atomic_save_model(self.out / "final", self._model_to_save(), self.tokenizer)
-        ckpt.atomic_write_json(self.out / "results.json", results)
+        atomic_write_json(self.out / "results.json", results)
         return results
 
 

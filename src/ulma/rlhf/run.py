@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ulma import checkpoint as ckpt
+from ulma.atomic import atomic_write_text
 from ulma.train import StepRows, fused_adamw, lr_factor, set_seed  # noqa: F401  (re-exported for the two loops)
 
 
@@ -34,7 +34,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        ckpt.atomic_write_text(self.path, "".join(r + "\n" for r in rows))
+        atomic_write_text(self.path, "".join(r + "\n" for r in rows))
 
 
 def make_optimizer(params: list, train_cfg, total_steps: int):
