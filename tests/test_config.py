@@ -78,3 +78,13 @@ def test_every_config_file_loads_and_every_line_is_commented():
     defaults = dataclasses.asdict(Config())
     documented = set(_leaf_keys(full)) | {"data.eval"}
     assert set(_leaf_keys(defaults)) <= documented
+
+
+def test_the_values_written_in_ulma_yaml_are_the_defaults():
+    """configs/ulma.yaml shows every key with its default: it loads to exactly Config()."""
+    from pathlib import Path
+
+    from ulma.config import Config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ulma.yaml"
+    assert load_config(path) == Config()

@@ -87,7 +87,7 @@ def load_policy(model_cfg, device: torch.device | None = None, frozen_dtype: tor
 
     ``frozen_dtype``: frozen Linear weights stored in it (:func:`store_frozen_linears`)
     before the model moves to ``device``, so that the device never holds their float32
-    copies (a 1.17B LoRA run on an H100 peaked at load: 4.5 GB against ~3 GB in training)."""
+    copies (else a LoRA run's peak would be at load, not in training)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -205,7 +205,7 @@ def _release_checkpoint_mapping(model, cast_dtype: torch.dtype) -> None:
     cast, they have it).  Weights loaded on the CPU are views of the memory-mapped
     checkpoint file, and the mapping lives while any of them does: after frozen Linears
     are cast, the untouched embedding would keep the whole float32 file resident beside
-    the bf16 copies (measured on SmolLM2-135M: +200 MB resident instead of -220 MB).
+    the bf16 copies, and the cast would cost memory instead of saving it.
     Nothing to do for tensors moved to a GPU (copied off the file) or deep-copied."""
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:

@@ -178,9 +178,8 @@ class Trainer:
         self.data = prepare(cfg, self.tokenizer, self.method)
         self.bf16 = use_bf16(cfg.train.bf16, self.acc.device)
         # train.bf16_frozen_weights: under bf16 autocast, LoRA's frozen base layers and a live
-        # reference copy keep their Linear weights in bf16 (the same products, half their memory:
-        # 2.35 of the 4.7 GB of a 1.17B model's float32 weights).  Not under FSDP or DeepSpeed,
-        # which keep their own flat parameter buffers of one dtype.
+        # reference copy keep their Linear weights in bf16 (the same products, half their memory).
+        # Not under FSDP or DeepSpeed, which keep their own flat parameter buffers of one dtype.
         frozen = self.bf16 and cfg.train.bf16_frozen_weights and not (self.fsdp or self.deepspeed)
         frozen = torch.bfloat16 if frozen else None
         self.model = load_policy(cfg.model, self.acc.device, frozen)
@@ -304,8 +303,7 @@ class Trainer:
 
     def _fused_optimizer(self, params: list) -> dict:
         """{"fused": True} where torch's fused AdamW applies: one kernel over all parameters
-        instead of a loop of per-op kernels.  Measured: 0.60 -> 0.08 s per step for
-        SmolLM2-135M on a 2-core CPU, 36 -> 15 ms for 1.17B parameters on an H100.  Not
+        instead of a loop of per-op kernels (it pays on a GPU; benchmarks/README.md).  Not
         under FSDP or DeepSpeed (sharded parameters; DeepSpeed steps its own way)."""
         wanted = self.cfg.train.fused_optimizer and not self.fsdp and not self.deepspeed
         return fused_adamw(params, wanted)

@@ -138,8 +138,8 @@ class JudgeJob(Job):
                 f"max_length {c.data.max_length}; then its agreement with the test split's human pairs")
 
     def run(self) -> str:
-        from ulma.evaluation.judging import judge_agreement
-        from ulma.evaluation.testdata import human_pairs
+        from ulma.evaluation.judges import judge_agreement
+        from ulma.evaluation.examples import human_pairs
 
         self.ctx.free_accelerator()
         seconds = train_in(self.ctx, self.config(), self.folder) if self.ctx.judge.kind == "reward" else 0.0
@@ -281,7 +281,7 @@ class CellJob(Job):
         from ulma.evaluation.generate import GenerateConfig, generate_file
         from ulma.evaluation.loading import load_model, resolve_model, run_meta
         from ulma.evaluation.perplexity import write_perplexity
-        from ulma.evaluation.testdata import positives, references
+        from ulma.evaluation.examples import positives, references
 
         ev, ctx, e, seed = self.folder / "eval", self.ctx, self.ctx.scale.eval, self.ctx.scale.split.seed
         if (ev / "perplexity.json").exists() and (ev / "generations.jsonl").exists():
@@ -304,7 +304,7 @@ class CellJob(Job):
         return times
 
     def _judge(self) -> tuple[float, dict]:
-        from ulma.evaluation.judging import judge_generations
+        from ulma.evaluation.judges import judge_generations
 
         ev, judge = self.folder / "eval", self.ctx.judge_for(self.ds)
         path = ev / "judge_summary.json"
