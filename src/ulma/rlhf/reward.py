@@ -14,7 +14,6 @@ tokenizer and its chat template beside it)::
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -27,11 +26,11 @@ from ulma.data.schema import as_kind, pointwise_to_pairs
 from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate
 from ulma.evaluation.metrics import label_accuracy, reward_accuracy
 from ulma.logprobs import use_bf16
+from ulma.loop import Loop, make_optimizer, non_finite, pick_device, set_seed, step_plan, total_steps
 from ulma.methods import Method
 from ulma.models import add_lora, is_peft, load_tokenizer, resolve_model_path, trainable_parameters
 from ulma.rlhf import losses as RL
 from ulma.rlhf.metrics import calibration, pearson, spearman
-from ulma.rlhf.run import MetricsLog, StepRows, make_optimizer, non_finite, pick_device, set_seed
 from ulma.scoring import forward_scores, table_scores
 
 LOSSES = ("bradley_terry", "bce", "mse")
@@ -154,8 +153,11 @@ def save_reward_model(model, tokenizer, folder: Path) -> None:
 # ------------------------------------------------------------------ the loop
 
 
-class RewardTrainer:
-    """Fits r_phi on the training split; evaluates on the held-out split before and after."""
+class RewardTrainer(Loop):
+    """Fits r_phi on the training split; evaluates on the held-out split before and after
+    (the loop itself: :class:`ulma.loop.Loop`)."""
+
+    desc = "reward"
 
     def __init__(self, cfg: Config):
         validate(cfg)
@@ -173,10 +175,11 @@ class RewardTrainer:
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with LoRA's frozen inputs
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.bf16 = use_bf16(cfg.train.bf16, self.device)
-        self.total_steps = self._total_steps()
-        self.optimizer, self.scheduler = make_optimizer(trainable_parameters(self.model), cfg.train, self.total_steps)
-        self.plan = self._plan()
-        self.log = MetricsLog(self.out)
+        t = cfg.train
+        self.total_steps = total_steps(t, math.ceil(len(self.data.train) / t.micro_batch_size), t.grad_accum)
+        self.optimizer, self.scheduler = make_optimizer(trainable_parameters(self.model), t, self.total_steps)
+        self.plan = step_plan(self.data.train, self.total_steps * t.grad_accum, t.micro_batch_size, 1, t.seed,
+                              t.group_by_length)
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
@@ -190,22 +193,6 @@ class RewardTrainer:
         self.data = prepare(cfg, self.tokenizer, task, (unit_train, unit_eval, skipped))
         self.labelled = labelled_rows(eval_ex, self.tokenizer, cfg.data.max_length, self.data.eval.table)
         self.data.report.update(loss=self.loss, eval_labelled=len(self.labelled))
-
-    def _total_steps(self) -> int:
-        t = self.cfg.train
-        if t.max_steps:
-            return t.max_steps
-        return max(1, math.ceil(t.epochs * math.ceil(len(self.data.train) / t.micro_batch_size) / t.grad_accum))
-
-    def _plan(self) -> list[list[int]]:
-        from ulma.train import epoch_plan
-
-        t = self.cfg.train
-        needed, plan, epoch = self.total_steps * t.grad_accum, [], 0
-        while len(plan) < needed:
-            plan += epoch_plan(self.data.train, t.micro_batch_size, 1, t.seed, epoch, t.group_by_length)
-            epoch += 1
-        return plan[:needed]
 
     def train_step(self, step: int) -> dict:
         """One optimizer step: the mean unit loss over the step's micro-batches."""
@@ -234,53 +221,28 @@ class RewardTrainer:
             row["train_pair_accuracy"] = correct / pairs
         return row
 
-    def run(self) -> dict:
-        from tqdm.auto import tqdm
-
-        t = self.cfg.train
-        start, results = self._maybe_resume()
-        if start == 0:
-            results["before"] = self._evaluate(0)
+    def train_mode(self) -> None:
         self.model.train()
-        bad = 0
-        rows = StepRows(t.log_every, t.save_every, self.total_steps)  # train.log_every
-        for step in tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="reward",
-                         disable=not t.progress, dynamic_ncols=True):
-            t0 = time.perf_counter()
-            row = self.train_step(step)
-            bad = bad + 1 if row["skipped"] else 0
-            if bad >= t.max_bad_steps:
-                raise RuntimeError(f"step {step + 1}: loss or gradients non-finite {bad} steps in a row; stopping")
-            done = step + 1
-            row = {**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)}
-            if (out := rows.add(row)) is not None:
-                self.log.write(out)
-            if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
-                self._evaluate(done)
-            if t.save_every and done % t.save_every == 0 and done < self.total_steps:
-                ckpt.save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                                     {"step": done, "results": results}, keep=t.keep_checkpoints)
-        results["after"] = self._evaluate(self.total_steps)
-        return self._finish(results)
 
-    def _evaluate(self, step: int) -> dict:
+    def postfix(self, row: dict) -> dict:
+        return {}
+
+    def evaluate(self, step: int) -> dict:
         scores = table_scores(self.model, self.data.eval.table, self.pad_id, self.cfg.train.micro_batch_size,
                               self.bf16, self.cfg.train.progress)
         metrics = evaluate_scores(scores, self.data.eval, self.labelled, self.loss, self.cfg.method,
                                   self.cfg.reward.calibration_bins)
-        self.log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 
-    def _maybe_resume(self) -> tuple[int, dict]:
-        found = ckpt.latest_checkpoint(self.out) if self.cfg.train.resume else None
-        if found is None:
-            self.log.truncate(0)
-            return 0, {}
-        state = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler)
-        self.log.truncate(state["step"])
-        return state["step"], state.get("results", {})
+    def save(self, step: int, results: dict) -> None:
+        ckpt.save_checkpoint(self.out, step, self.model, self.tokenizer, self.optimizer, self.scheduler,
+                             {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
 
-    def _finish(self, results: dict) -> dict:
+    def load(self, found: Path) -> dict:
+        return ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+
+    def finish(self, results: dict) -> dict:
         results.update(method="reward", loss=self.loss, config=to_dict(self.cfg), data=self.data.report,
                        steps=self.total_steps)
         save_reward_model(self.model, self.tokenizer, self.out / "final")
