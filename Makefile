@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ulma train configs/demo.yaml
+	$(BIN)/ulma train demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

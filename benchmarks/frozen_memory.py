@@ -28,7 +28,7 @@ def measure(on: bool, model: str, data: Path) -> dict:
 
     os.environ["BENCH_MODEL"] = model
     import workloads
-    from ulma.train import Trainer
+    from ulma.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         t = Trainer(workloads.ulma_config("ulma", True, data, 1, Path(out),

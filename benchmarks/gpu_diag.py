@@ -12,7 +12,7 @@ sys.path.insert(0, "benchmarks")
 os.environ.setdefault("BENCH_BF16", "1")
 MODEL = os.environ["BENCH_MODEL"]
 import workloads as W
-from ulma.train import Trainer
+from ulma.trainer import Trainer
 from pathlib import Path
 from torch.profiler import profile, ProfilerActivity
 

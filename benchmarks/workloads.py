@@ -82,7 +82,7 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
     """ulma's own Trainer: reference log-probs precomputed once, then timed optimizer steps.
 
     ``overrides`` switch a speed lever off, e.g. train={"group_by_length": False}."""
-    from ulma.train import Trainer
+    from ulma.trainer import Trainer
 
     trainer = Trainer(ulma_config(method, lora, data, steps, work, **overrides))
     t0 = time.perf_counter()

@@ -88,3 +88,31 @@ def test_the_values_written_in_ulma_yaml_are_the_defaults():
 
     path = Path(__file__).resolve().parents[1] / "configs" / "ulma.yaml"
     assert load_config(path) == Config()
+
+
+def test_shipped_configs_name_no_local_folder_and_run_on_local_copies_by_override():
+    """The method configs read the hub (a user has no ../shared); pointed at the offline
+    copies with one override, as CI does, they load the data they name."""
+    import pytest
+
+    from conftest import SHARED
+    from ulma.config import CONFIGS, packaged_configs
+    from ulma.data.prepare import load_split
+
+    for name in packaged_configs():
+        assert "shared" not in (CONFIGS / f"{name}.yaml").read_text(), name
+    hh = SHARED / "data" / "hh-rlhf" / "harmless-base-test.part.jsonl.gz"
+    if not hh.exists():
+        pytest.skip("../shared/data is not here")
+    hub_hh = [n for n in packaged_configs() if load_config(n).data.train.source == "hh"
+              and load_config(n).data.train.path is None]
+    assert {"dpo", "sft", "ulma_hh", "unlearning", "unlikelihood", "positive_dpo", "negative_dpo"} <= set(hub_hh)
+    for name in hub_hh:
+        cfg = load_config(name, [f"data.train.path={hh}"])
+        train_ex, eval_ex, skipped = load_split(cfg)
+        # 1,800 rows, 6 malformed (skipped, counted); HH pairs, or 2 point-wise rows a pair
+        assert len(skipped) == 6 and len(train_ex) + len(eval_ex) in (1794, 2 * 1794), name
+    qa = SHARED / "data" / "qa-feedback" / "dev_feedback.part.json"
+    train_ex, eval_ex, _ = load_split(load_config("pointwise_dpo", [f"data.train.path={qa}"]))
+    examples = train_ex + eval_ex  # 400 records: 390 human-corrected answers, 395 answers with marked errors
+    assert (len(examples), sum(e.label for e in examples)) == (785, 390)

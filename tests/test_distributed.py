@@ -46,7 +46,7 @@ def test_two_processes_match_one(tiny_model_dir, pointwise_file, tmp_path):
 
 # ---------------------------------------------------------------- FSDP2 on the CPU
 # accelerate runs an FSDP config on the CPU as plain DDP; ulma switches it to FSDP2 over gloo
-# (ulma.train.make_accelerator), so FSDP's sharded weights, gradients, optimizer states,
+# (ulma.trainer.make_accelerator), so FSDP's sharded weights, gradients, optimizer states,
 # state-dict gathering and checkpoints are tested here without a GPU.
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 FSDP_CPU = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp_cpu.yaml"
@@ -67,7 +67,7 @@ def _accelerate_launch(config: Path, args: list[str], launch: tuple[str, ...] = 
 
 def _train_here(args: list[str]) -> None:
     from ulma.config import load_config
-    from ulma.train import train
+    from ulma.trainer import train
 
     train(load_config(None, args[2:]))  # args[:2] == ["train", "/dev/null"]
 
@@ -142,7 +142,7 @@ def test_fsdp_full_finetuning_resumes_and_writes_full_checkpoints(tiny_model_dir
 
 # ---------------------------------------------------------------- DeepSpeed ZeRO on the CPU
 # DeepSpeed's CPU accelerator talks gloo when oneCCL is not installed; ulma fixes accelerate's
-# process counts there (ulma.train.make_accelerator).  Runs where deepspeed is installed.
+# process counts there (ulma.trainer.make_accelerator).  Runs where deepspeed is installed.
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
@@ -164,7 +164,7 @@ def test_deepspeed_two_processes_match_one(config, extra, weights, relaunch, tin
     refuses to resume in 1 plain process and (ZeRO-3, ``relaunch``) resumes in 2 from the
     engine's checkpoint, ending with the uninterrupted run's weights.  The resuming launch
     (~25 s on 2 cores) runs for one stage only: both stages resume through one
-    ``load_checkpoint`` of the engine (ulma.train.Trainer._maybe_resume), and stage 3's
+    ``load_checkpoint`` of the engine (ulma.trainer.Trainer._maybe_resume), and stage 3's
     partitioned weights are the harder case."""
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     extra = extra + ["train.save_every=2"]  # checkpoints after steps 2 and 3

@@ -14,7 +14,7 @@ from ulma.config import load_config
 from ulma.data.schema import user_prompt
 from ulma.rlhf import losses as RL
 from ulma.rlhf.ppo import PPOTrainer, encode_prompts, sample
-from ulma.train import train
+from ulma.trainer import train
 
 LONG = "tell me about " + " ".join(["topic"] * 40) + " please ."
 
@@ -128,7 +128,7 @@ def test_rlhf_with_a_reward_model_of_another_tokenizer(word_policy_dir, prompt_f
             "input_ids"] + [tokenizer.eos_token_id]
         with torch.no_grad():
             assert rm(input_ids=torch.tensor([ids])).logits[0, 0].item() == pytest.approx(score.item(), abs=1e-5)
-    res = train(cfg)  # dispatch through ulma.train.train, as `ulma train configs/rlhf.yaml` does
+    res = train(cfg)  # dispatch through ulma.trainer.train, as `ulma train configs/rlhf.yaml` does
     assert res["method"] == "rlhf" and res["steps"] == 1 and (out / "final" / "value_head.safetensors").exists()
 
 

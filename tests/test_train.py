@@ -10,7 +10,7 @@ from conftest import write_jsonl
 from ulma.config import load_config
 from ulma.methods import METHODS
 from ulma.loop import lr_factor
-from ulma.train import Trainer, train
+from ulma.trainer import Trainer, train
 
 
 @pytest.fixture
@@ -275,7 +275,7 @@ def test_compiled_lora_layers_see_inputs_that_need_a_gradient_only_where_autogra
     """Under LoRA the embedding is frozen: with train.compile its output is made to need a
     gradient (every layer's input alike: one graph), but not under no_grad (Hugging Face's
     enable_input_require_grads sets it there too, and a no_grad pass then needs two graphs)."""
-    from ulma.train import _input_requires_grad
+    from ulma.trainer import _input_requires_grad
 
     emb = torch.nn.Embedding(5, 3).requires_grad_(False)
     emb.register_forward_hook(_input_requires_grad)

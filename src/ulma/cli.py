@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-import yaml
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -18,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train with a YAML config: ulma train CONFIG.yaml [section.key=value ...]")
-    t.add_argument("config", help="YAML file (see configs/)")
+    t.add_argument("config", help="a YAML file, or the name of a shipped config (`ulma configs` lists them)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 method.beta=0.2")
     t.add_argument("--num-processes", type=int, default=1,
                    help="data-parallel processes on this machine (re-launches through torchrun; "
@@ -37,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print one JSON object")
 
     sub.add_parser("methods", help="list the training methods")
+    c = sub.add_parser("configs", help="list the shipped example configs, or copy one out to edit: ulma configs NAME")
+    c.add_argument("name", nargs="?", help="a shipped config (e.g. ulma_hh); without it: list them")
+    c.add_argument("--out", help="where to write the copy (default: ./NAME.yaml)")
     for module in _plugin_modules():
         module.register(sub)
     return p
@@ -57,18 +58,14 @@ def _plugin_modules():
 
 
 def _options(pairs: list[str]) -> dict:
-    out = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"ulma: --option {item!r} must look like key=value")
-        out[key] = yaml.safe_load(value)
-    return out
+    from ulma.config import parse_assignments
+
+    return dict(parse_assignments(pairs, "--option"))
 
 
 def cmd_train(args) -> int:
     from ulma.config import load_config, validate
-    from ulma.train import train
+    from ulma.trainer import train
 
     cfg = load_config(args.config, args.overrides)
     if args.num_processes > 1:
@@ -110,17 +107,50 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_configs(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from ulma.config import CONFIGS, packaged_configs, resolve_config_path
+
+    if not args.name:
+        for name in packaged_configs():
+            first = (CONFIGS / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+            print(f"{name:20s} {first}")
+        return 0
+    source = resolve_config_path(Path(args.name).name)
+    out = Path(args.out or source.name)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; pass --out to write the copy elsewhere")
+    shutil.copyfile(source, out)
+    print(f"wrote {out}: edit it, then `ulma train {out}`")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "data": cmd_inspect, "methods": cmd_methods, "configs": cmd_configs}
+
+# What a user can fix: one line on stderr, exit code 2.  ValueError covers ConfigError and
+# DataError (they name the key, or the file, row and field); ULMA_DEBUG=1 shows the traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from ulma.config import ConfigError
-    from ulma.data.schema import DataError
+    import os
+
+    from ulma.errors import UsageError
 
     args = _parser().parse_args(argv)
-    handler = getattr(args, "handler", None) or {"train": cmd_train, "data": cmd_inspect, "methods": cmd_methods}[args.command]
+    handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
         code = handler(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (*USER_ERRORS, UsageError) as e:
+        if os.environ.get("ULMA_DEBUG"):
+            raise
         print(f"ulma: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ulma: interrupted; checkpoints written so far are kept (train.resume=true continues)", file=sys.stderr)
+        return 130
     close_process_group()
     return code
 

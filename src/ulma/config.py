@@ -167,15 +167,51 @@ def load_raw(path: str | Path | None = None, overrides: list[str] | tuple = ()) 
     untyped mapping that :func:`from_dict` turns into a config."""
     raw: dict = {}
     if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        path = resolve_config_path(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    for key, value in parse_assignments(overrides, "override", "section.key=value"):
+        _set_dotted(raw, key, value)
     return raw
+
+
+def parse_assignments(items, what: str = "option", form: str = "key=value") -> list[tuple[str, Any]]:
+    """``["a.b=1", "c=[x, y]"]`` -> ``[("a.b", 1), ("c", ["x", "y"])]``, values read as YAML:
+    the one parser of the command lines' ``key=value`` arguments (overrides, --option, --set)."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} {item!r} must look like {form}")
+        try:
+            out.append((key.strip(), yaml.safe_load(value)))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{what} {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return out
+
+
+CONFIGS = Path(__file__).parent / "configs"  # the example configs shipped with the package
+
+
+def packaged_configs() -> list[str]:
+    """Names of the shipped example configs (``ulma configs`` lists them)."""
+    return sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file as given, or else a shipped config by name (``ulma_hh`` or ``ulma_hh.yaml``)."""
+    given = Path(path)
+    if given.exists():
+        return given
+    shipped = CONFIGS / (given.name if given.suffix in (".yaml", ".yml") else f"{given.name}.yaml")
+    if given.parent in (Path("."), Path("configs")) and shipped.exists():
+        return shipped
+    raise ConfigError(f"config {str(path)!r}: no such file, and no shipped config of that name "
+                      f"(shipped: {', '.join(packaged_configs())}; `ulma configs NAME` copies one out)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:

@@ -1,4 +1,4 @@
-"""The frame every training loop runs in: the policy loop (:mod:`ulma.train`), the reward
+"""The frame every training loop runs in: the policy loop (:mod:`ulma.trainer`), the reward
 model's (:mod:`ulma.rlhf.reward`) and PPO's (:mod:`ulma.rlhf.ppo`).
 
 Written once here: the step plan (the data order is a pure function of (seed, epoch), so a

@@ -131,7 +131,7 @@ METHODS: dict[str, Method] = {
 }
 
 
-# The loop of each method: ulma.train's Trainer for the losses above; the methods that are
+# The loop of each method: ulma.trainer's Trainer for the losses above; the methods that are
 # not a loss over log-probs name their own, "module:function(cfg)", imported on use.
-DEFAULT_LOOP = "ulma.train:train_policy"
+DEFAULT_LOOP = "ulma.trainer:train_policy"
 LOOPS: dict[str, str] = {"reward": "ulma.rlhf.reward:train_reward", "rlhf": "ulma.rlhf.ppo:train_ppo"}

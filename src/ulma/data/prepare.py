@@ -38,14 +38,21 @@ def load_examples(src_cfg, on_error: str):
     return result.examples, result.skipped
 
 
-def load_split(cfg) -> tuple[list, list, list]:
-    """Load the sources, split by prompt (unless data.eval is given), subsample:
-    returns (train examples, held-out examples, skipped rows)."""
-    train_ex, skipped = load_examples(cfg.data.train, cfg.data.on_error)
-    if cfg.data.eval is not None:
-        eval_ex, eval_skipped = load_examples(cfg.data.eval, cfg.data.on_error)
-        skipped = skipped + eval_skipped
+def load_split(cfg, given: tuple | None = None) -> tuple[list, list, list]:
+    """Load the sources, split by prompt (unless held-out data is given), subsample:
+    returns (train examples, held-out examples, skipped rows).
+
+    ``given``: (train examples, held-out examples or None, skipped rows) already loaded
+    (the Python API's in-memory data), used instead of ``data.train`` / ``data.eval``."""
+    if given is not None:
+        train_ex, eval_ex, skipped = given
     else:
+        train_ex, skipped = load_examples(cfg.data.train, cfg.data.on_error)
+        eval_ex = None
+        if cfg.data.eval is not None:
+            eval_ex, eval_skipped = load_examples(cfg.data.eval, cfg.data.on_error)
+            skipped = skipped + eval_skipped
+    if eval_ex is None:
         train_ex, eval_ex = split_by_prompt(train_ex, cfg.data.eval_fraction, cfg.train.seed)
     train_ex = subsample(train_ex, cfg.data.train.limit, cfg.train.seed)
     eval_ex = subsample(eval_ex, cfg.data.eval_limit, cfg.train.seed)

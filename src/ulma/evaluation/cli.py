@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 MODEL_HELP = ("a run folder (uses its final/ model and, without --data, its held-out data), a checkpoint, "
               "a LoRA adapter folder, a full model folder, a hub id, or smollm2-135m-instruct")
@@ -132,13 +131,9 @@ def _guard(fn):
 
 
 def _options(pairs: list[str]) -> dict:
-    out = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--option {item!r} must look like key=value")
-        out[key] = yaml.safe_load(value)
-    return out
+    from ulma.config import parse_assignments
+
+    return dict(parse_assignments(pairs, "--option"))
 
 
 def _data_spec(args):

@@ -13,6 +13,6 @@
 - :mod:`~ulma.reproduce.summary`: tables, figures and claims from whatever cells exist;
 - :mod:`~ulma.reproduce.cli`: the ``ulma reproduce`` command.
 
-Training, evaluation and reporting are the library's own (:func:`ulma.train.train`,
+Training, evaluation and reporting are the library's own (:func:`ulma.trainer.train`,
 :mod:`ulma.evaluation`); this package only decides what to run and where.
 """

@@ -135,7 +135,7 @@ def saved_settings(ctx: Context, path: Path) -> dict:
 
 
 def _train_here(cfg: Config, config_path: Path) -> None:
-    from ulma.train import train
+    from ulma.trainer import train
 
     train(cfg)
 

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from ulma.config import ConfigError, LoraConfig, _set_dotted, from_dict
+from ulma.config import ConfigError, LoraConfig, _set_dotted, from_dict, parse_assignments
 
 PAPER_MODEL = "lmsys/vicuna-7b-v1.5"
 
@@ -132,16 +132,11 @@ SCALES = {"paper": paper_scale, "cpu": cpu_scale}
 
 def load_scale(name: str, overrides: list[str] | tuple = ()) -> Scale:
     """The preset ``name`` with ``section.key=value`` overrides (values read as YAML)."""
-    import yaml
-
     if name not in SCALES:
         raise ConfigError(f"unknown scale {name!r}; choose one of {sorted(SCALES)}")
     raw = dataclasses.asdict(SCALES[name]())
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r} must look like section.key=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    for key, value in parse_assignments(overrides, "--set", "section.key=value"):
+        _set_dotted(raw, key, value)
     scale = from_dict(Scale, raw)
     check_scale(scale)
     return scale

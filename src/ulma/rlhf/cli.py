@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def cmd_reward_eval(args) -> int:
-    from ulma.cli import _options
+    from ulma.config import parse_assignments
     from ulma.config import MethodConfig
     from ulma.data.prepare import build_eval, subsample
     from ulma.data.sources import load_source
@@ -41,7 +41,7 @@ def cmd_reward_eval(args) -> int:
 
     name, path = (args.format, args.source) if args.format else guess_format(args.source)
     loaded = load_source(name, None if args.source == args.format else path, on_error=args.on_error,
-                         **_options(args.option))
+                         **dict(parse_assignments(args.option, "--option")))
     examples = subsample(loaded.examples, args.limit, args.seed)
     scorer = RewardScorer(args.model, max_length=args.max_length, batch_size=args.batch_size)
     ev = build_eval(examples, Method("reward", None, "pointwise", False), Tokenizer(scorer.tokenizer, args.max_length), None)

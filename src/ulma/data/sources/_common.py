@@ -193,10 +193,14 @@ def load_hub(source: str, name: str, **kwargs):
         import datasets
 
         return datasets.load_dataset(name, **kwargs)
-    except Exception as err:  # offline, unknown name, missing split: one clear message
-        raise RuntimeError(
-            f"source {source!r}: could not load {name!r} from the Hugging Face hub "
-            f"({type(err).__name__}: {err}); pass path= to a local copy instead"
+    except Exception as err:  # offline, unknown name, missing split: one clear line
+        from ulma.errors import UsageError
+
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UsageError(
+            f"data source {source!r}: could not load {name!r} from the Hugging Face hub "
+            f"({type(err).__name__}: {reason}); offline or without access, download it and pass the local "
+            f"file as data.train.path (e.g. ulma train CONFIG data.train.path=FILE)"
         ) from err
 
 

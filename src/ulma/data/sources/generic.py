@@ -299,3 +299,13 @@ def load_hf(path=None, *, on_error: str = "raise", **options) -> LoadResult:
     dataset = load_hub("hf", name, split=split, **hub)
     spec = Spec("hf", {k: v for k, v in options.items() if k in COMMON_OPTIONS})
     return _load(f"hf:{name}[{split}]", iter_hub(dataset), spec, on_error)
+
+
+def load_records(records, *, name: str = "<rows>", on_error: str = "raise", **options) -> LoadResult:
+    """Rows already in memory (a list of dicts, a ``datasets.Dataset``, a pandas DataFrame)
+    in any format this module reads; errors name ``name`` and the 1-based row."""
+    check_options(name, options, COMMON_OPTIONS)
+    if hasattr(records, "to_dict") and hasattr(records, "columns"):  # a pandas DataFrame
+        records = records.to_dict("records")
+    return _load(name, enumerate((dict(r) if isinstance(r, dict) else r for r in records), 1),
+                 Spec(name, options), on_error)

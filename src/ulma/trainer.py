@@ -20,7 +20,7 @@ from ulma import checkpoint as ckpt
 from ulma.atomic import atomic_torch_save, atomic_write_json
 from ulma.backward_step import BackwardStep
 from ulma.config import Config, ConfigError, to_dict, validate
-from ulma.data.prepare import prepare
+from ulma.data.prepare import load_split, prepare
 from ulma.data.tokenize import collate
 from ulma.evaluation.metrics import evaluate, table_logps
 from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf16
@@ -78,7 +78,9 @@ def _input_requires_grad(module, args, out: torch.Tensor) -> None:
 class Trainer(Loop):
     """Holds the pieces of one run; :meth:`run` (:class:`ulma.loop.Loop`'s) is the loop."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, *, model=None, tokenizer=None, examples: tuple | None = None):
+        """``model``, ``tokenizer``, ``examples`` (train, held-out or None, skipped rows): objects
+        already in memory (the Python API, :func:`ulma.api.train`) instead of the config's."""
         validate(cfg)
         self.cfg = cfg
         self.method = METHODS[cfg.method.name]
@@ -89,15 +91,15 @@ class Trainer(Loop):
         self.acc.wait_for_everyone()
         self.resume_from = self.checkpoint_to_resume()
         set_seed(cfg.train.seed)
-        self.tokenizer = load_tokenizer(cfg.model.name_or_path)
-        self.data = prepare(cfg, self.tokenizer, self.method)
+        self.tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path)
+        self.data = prepare(cfg, self.tokenizer, self.method, load_split(cfg, examples))
         self.bf16 = use_bf16(cfg.train.bf16, self.acc.device)
         # train.bf16_frozen_weights: under bf16 autocast, LoRA's frozen base layers and a live
         # reference copy keep their Linear weights in bf16 (the same products, half their memory).
         # Not under FSDP or DeepSpeed, which keep their own flat parameter buffers of one dtype.
         frozen = self.bf16 and cfg.train.bf16_frozen_weights and not (self.fsdp or self.deepspeed)
         frozen = torch.bfloat16 if frozen else None
-        self.model = load_policy(cfg.model, self.acc.device, frozen)
+        self.model = load_policy(cfg.model, self.acc.device, frozen, model=model)
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and no_sync
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ckpt.check_space(self.out, self.model, self.tokenizer, cfg.train.keep_checkpoints)
