@@ -336,7 +336,7 @@ def validate(cfg: Config) -> None:
     _validate_rlhf(cfg)
 
 
-# train.* keys the reward and PPO loops (their own loops, one process) do not use: a value
+# train.* keys the reward and PPO loops do not use: a value
 # other than the default is an error rather than a setting that silently does nothing.
 _NEITHER = ("compile", "compile_backend", "compile_mode", "forward_batch_size", "share_prompts", "fused_logps",
             "optimizer_in_backward")

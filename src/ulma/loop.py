@@ -85,6 +85,17 @@ def step_plan(units, needed: int, micro: int, world: int, seed: int, group_by_le
     return plan[:needed]
 
 
+def my_share(mb: list[int], rank: int, world: int) -> tuple[list[int], float]:
+    """This process's slice of a global micro-batch, and 1.0 (or 0.0 for a stand-in).
+
+    Every process must run every backward (DDP all-reduces in it); a process whose slice of
+    a short final micro-batch is empty runs one unit with weight 0.
+    """
+    size = math.ceil(len(mb) / world)
+    mine = mb[rank * size : (rank + 1) * size]
+    return (mine, 1.0) if mine else (mb[:1], 0.0)
+
+
 def total_steps(train_cfg, batches_per_epoch: float, batches_per_step: int = 1) -> int:
     """``train.max_steps``, else the optimizer steps of ``train.epochs`` (at least one)."""
     if train_cfg.max_steps:

@@ -24,7 +24,7 @@ from ulma.data.prepare import load_split, prepare
 from ulma.data.tokenize import collate
 from ulma.evaluation.metrics import evaluate, table_logps
 from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf16
-from ulma.loop import Loop, NonFiniteLossError, make_optimizer, set_seed, step_plan, total_steps
+from ulma.loop import Loop, NonFiniteLossError, make_optimizer, my_share, set_seed, step_plan, total_steps
 from ulma.losses import group_mean
 from ulma.methods import DEFAULT_LOOP, LOOPS, METHODS, LossInputs
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
@@ -261,15 +261,7 @@ class Trainer(Loop):
         return self._apply_update(self._sum_over_processes(stats))
 
     def _my_share(self, mb: list[int]) -> tuple[list[int], float]:
-        """This process's slice of a global micro-batch, and 1.0 (or 0.0 for a stand-in).
-
-        Every process must run every backward (DDP all-reduces in it); a process whose
-        slice of a short final micro-batch is empty runs one unit with weight 0.
-        """
-        rank, world = self.acc.process_index, self.acc.num_processes
-        size = math.ceil(len(mb) / world)
-        mine = mb[rank * size : (rank + 1) * size]
-        return (mine, 1.0) if mine else (mb[:1], 0.0)
+        return my_share(mb, self.acc.process_index, self.acc.num_processes)
 
     def _sum_over_processes(self, stats: dict) -> dict:
         """Each process holds its share of the step's sums; the logged numbers are global."""

@@ -14,6 +14,7 @@ tokenizer and its chat template beside it)::
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from ulma.data.schema import as_kind, pointwise_to_pairs
 from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate
 from ulma.evaluation.metrics import label_accuracy, reward_accuracy
 from ulma.logprobs import use_bf16
-from ulma.loop import Loop, make_optimizer, non_finite, pick_device, set_seed, step_plan, total_steps
+from ulma.loop import Loop, make_optimizer, my_share, non_finite, set_seed, step_plan, total_steps
 from ulma.methods import Method
 from ulma.models import add_lora, is_peft, load_tokenizer, resolve_model_path, trainable_parameters
 from ulma.rlhf import losses as RL
@@ -155,16 +156,21 @@ def save_reward_model(model, tokenizer, folder: Path) -> None:
 
 class RewardTrainer(Loop):
     """Fits r_phi on the training split; evaluates on the held-out split before and after
-    (the loop itself: :class:`ulma.loop.Loop`)."""
+    (the loop itself: :class:`ulma.loop.Loop`).  Data-parallel over the processes of an
+    ``accelerate`` / ``torchrun`` launch (DDP): each takes its slice of every global
+    micro-batch of ``micro_batch_size x processes`` units, as the policy loop does."""
 
     desc = "reward"
 
     def __init__(self, cfg: Config):
         validate(cfg)
         self.cfg = cfg
-        self.device = pick_device()
+        self.acc = _accelerator()
+        self.device = self.acc.device
         self.out = Path(cfg.train.output_dir)
-        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite,
+                            delete=self.acc.is_main_process)
+        self.acc.wait_for_everyone()
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.pad_id = self.tokenizer.pad_token_id
@@ -175,11 +181,21 @@ class RewardTrainer(Loop):
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with LoRA's frozen inputs
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.bf16 = use_bf16(cfg.train.bf16, self.device)
-        t = cfg.train
-        self.total_steps = total_steps(t, math.ceil(len(self.data.train) / t.micro_batch_size), t.grad_accum)
-        self.optimizer, self.scheduler = make_optimizer(trainable_parameters(self.model), t, self.total_steps)
-        self.plan = step_plan(self.data.train, self.total_steps * t.grad_accum, t.micro_batch_size, 1, t.seed,
+        t, world = cfg.train, self.acc.num_processes
+        self.total_steps = total_steps(t, math.ceil(len(self.data.train) / (t.micro_batch_size * world)), t.grad_accum)
+        optimizer, self.scheduler = make_optimizer(trainable_parameters(self.model), t, self.total_steps)
+        self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
+        self.plan = step_plan(self.data.train, self.total_steps * t.grad_accum, t.micro_batch_size, world, t.seed,
                               t.group_by_length)
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def inner(self):
+        """The model itself, without DDP's wrapper (forwards without collectives, saving)."""
+        return self.acc.unwrap_model(self.model)
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
@@ -195,22 +211,26 @@ class RewardTrainer(Loop):
         self.data.report.update(loss=self.loss, eval_labelled=len(self.labelled))
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step: the mean unit loss over the step's micro-batches."""
-        t = self.cfg.train
+        """One optimizer step: the mean unit loss over the step's global micro-batches."""
+        t, world = self.cfg.train, self.acc.num_processes
         micro = self.plan[step * t.grad_accum : (step + 1) * t.grad_accum]
         n_units = sum(len(mb) for mb in micro)
-        total, correct, pairs = 0.0, 0, 0
-        for mb in micro:
-            batch = collate(self.data.train, mb, self.pad_id)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct pairs, pairs
+        for k, mb in enumerate(micro):
+            mine, share = my_share(mb, self.acc.process_index, world)
+            batch = collate(self.data.train, mine, self.pad_id)
             scores = forward_scores(self.model, batch, self.bf16)
             losses = unit_losses(self.loss, scores, batch["labels"], batch["positive"], self.data.train.binary,
-                                 self.cfg.method)
-            (losses.sum() / n_units).backward()
-            total += losses.sum().item() / n_units
+                                 self.cfg.method) * share
+            # DDP averages gradients over processes; the loss is already a global mean
+            with self.acc.no_sync(self.model) if k < len(micro) - 1 else nullcontext():
+                self.acc.backward(losses.sum() / n_units * world)
+            sums[0] += losses.sum().detach() / n_units
             if self.loss == "bradley_terry":
-                correct += int((scores[: len(mb)] > scores[len(mb) :]).sum())
-                pairs += len(mb)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), t.max_grad_norm or math.inf)
+                sums[1] += (scores[: len(mine)] > scores[len(mine) :]).sum() * share
+                sums[2] += len(mine) * share
+        total, correct, pairs = (self.acc.reduce(sums, "sum") if world > 1 else sums).tolist()
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm or math.inf)
         skipped = non_finite(total, grad_norm)
         if not skipped:
             self.optimizer.step()
@@ -228,7 +248,7 @@ class RewardTrainer(Loop):
         return {}
 
     def evaluate(self, step: int) -> dict:
-        scores = table_scores(self.model, self.data.eval.table, self.pad_id, self.cfg.train.micro_batch_size,
+        scores = table_scores(self.inner, self.data.eval.table, self.pad_id, self.cfg.train.micro_batch_size,
                               self.bf16, self.cfg.train.progress)
         metrics = evaluate_scores(scores, self.data.eval, self.labelled, self.loss, self.cfg.method,
                                   self.cfg.reward.calibration_bins)
@@ -236,18 +256,36 @@ class RewardTrainer(Loop):
         return metrics
 
     def save(self, step: int, results: dict) -> None:
-        ckpt.save_checkpoint(self.out, step, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                             {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
+        if self.is_main:
+            ckpt.save_checkpoint(self.out, step, self.inner, self.tokenizer, self.optimizer, self.scheduler,
+                                 {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
 
     def load(self, found: Path) -> dict:
-        return ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler)
+        return ckpt.load_checkpoint(found, self.inner, self.optimizer, self.scheduler)
 
     def finish(self, results: dict) -> dict:
         results.update(method="reward", loss=self.loss, config=to_dict(self.cfg), data=self.data.report,
                        steps=self.total_steps)
-        save_reward_model(self.model, self.tokenizer, self.out / "final")
-        atomic_write_json(self.out / "results.json", results)
+        results["processes"] = self.acc.num_processes
+        if self.is_main:
+            save_reward_model(self.inner, self.tokenizer, self.out / "final")
+            atomic_write_json(self.out / "results.json", results)
+        self.acc.wait_for_everyone()
         return results
+
+
+def _accelerator():
+    """The run's Accelerator: one process, or plain data parallelism (DDP); a reward model is
+    small beside the policy, so FSDP and DeepSpeed are refused rather than half-supported."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ConfigError(f"method reward: runs in one process or data-parallel (DDP) processes, "
+                          f"not under {acc.distributed_type.value}")
+    return acc
 
 
 def train_reward(cfg: Config) -> dict:
