@@ -32,7 +32,7 @@ def check_writable(out: Path) -> None:
         raise OSError(f"output folder {out} is not writable: {e}") from e
 
 
-RUN_FILES = ("metrics.jsonl", "results.json", "reference_logps.pt", "checkpoints", "final")
+RUN_FILES = ("metrics.jsonl", "results.json", "reference_logps.pt", "checkpoints", "final", "logs")
 
 
 def prepare_output(out: Path, *, resume: bool, overwrite: bool, delete: bool = True) -> None:

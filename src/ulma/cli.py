@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Sub-commands that live beside their code: each module has register(subparsers), which
 # adds its parsers with set_defaults(handler=fn); fn(args) -> exit code.
-PLUGINS = ("ulma.evaluation.cli", "ulma.rlhf.cli", "ulma.reproduce.cli")
+PLUGINS = ("ulma.evaluation.cli", "ulma.rlhf.cli", "ulma.reproduce.cli", "ulma.export")
 
 
 def _plugin_modules():
@@ -138,12 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from ulma.errors import UsageError
+    from ulma.export import PushError
 
     args = _parser().parse_args(argv)
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
         code = handler(args)
-    except (*USER_ERRORS, UsageError) as e:
+    except (*USER_ERRORS, UsageError, PushError) as e:
         if os.environ.get("ULMA_DEBUG"):
             raise
         print(f"ulma: error: {e}", file=sys.stderr)

@@ -26,7 +26,9 @@ class LoraConfig:
     r: int = 8  # paper: r=8
     alpha: int = 32  # paper: alpha=32
     dropout: float = 0.1  # paper: dropout=0.1
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # module names that get adapters, or a string peft reads: "all-linear" (every Linear but the
+    # output layer) or a regular expression matched against the full module names
+    target_modules: Union[str, list[str]] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclass
@@ -35,6 +37,7 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     reference: Literal["precompute", "live"] = "precompute"  # precompute: ref log-probs once, no ref model kept
     trust_remote_code: bool = False
+    load_in_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only); needs LoRA
 
 
 @dataclass
@@ -107,6 +110,10 @@ class TrainConfig:
     compile_mode: Optional[str] = None  # torch.compile's mode: null (default), "reduce-overhead" (CUDA graphs), "max-autotune"
     progress: bool = True
     log_every: int = 1  # steps a metrics row covers (their means; a row at every checkpoint and the last step too)
+    report_to: list[str] = field(default_factory=list)  # experiment trackers beside metrics.jsonl, through
+    # accelerate: tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (ulma.tracking)
+    push_to_hub: Optional[str] = None  # a hub repo id: final/ and a model card uploaded there at the end (ulma.export)
+    hub_private: bool = False  # create that repo private
 
     def forward_rows(self, device_type: str) -> int:
         """Rows per forward-only batch on a device of ``device_type`` ("cuda", "cpu", ...):
@@ -334,6 +341,22 @@ def validate(cfg: Config) -> None:
             f"method.name: unknown method {cfg.method.name!r}; choose one of {sorted(METHODS) + sorted(LOOPS)}"
         )
     _validate_rlhf(cfg)
+    _validate_integrations(cfg)
+
+
+def _validate_integrations(cfg: Config) -> None:
+    """Keys that need a package, a GPU or a hub token: checked before any work."""
+    from ulma.tracking import check_trackers
+
+    check_trackers(cfg.train.report_to)
+    if cfg.model.load_in_4bit:
+        from ulma.models import check_4bit
+
+        check_4bit(cfg.model, cfg.method.name)
+    if cfg.train.push_to_hub:
+        from ulma.export import check_push
+
+        check_push(cfg.train.push_to_hub)
 
 
 # train.* keys the reward and PPO loops do not use: a value

@@ -65,7 +65,7 @@ def token_stats(examples, tokenizer, max_length: int) -> dict:
         p = tok.encode_prompt(e.prompt)
         responses = [e.chosen, e.rejected] if e.kind == "pair" else [e.response]
         for r in responses:
-            n = len(tok.encode_response(r))
+            n = len(tok.encode_response(r, text=not e.prompt))
             prompt_len.append(len(p))
             response_len.append(n)
             total_len.append(len(p) + n)

@@ -3,7 +3,7 @@ model's (:mod:`ulma.rlhf.reward`) and PPO's (:mod:`ulma.rlhf.ppo`).
 
 Written once here: the step plan (the data order is a pure function of (seed, epoch), so a
 run resumed at step k replays what an uninterrupted run would do), the optimizer and its
-schedule, ``metrics.jsonl`` rows, the bad-step counter, the evaluation and checkpoint
+schedule, ``metrics.jsonl`` rows (and the ``train.report_to`` trackers), the bad-step counter, the evaluation and checkpoint
 cadence, resuming, and the order of the final evaluation and save.  A loop supplies one
 step, its evaluation, and how it saves, loads and finishes (:class:`Loop`).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ulma import checkpoint as ckpt
+from ulma import checkpoint as ckpt, tracking
 from ulma.atomic import atomic_write_text
 
 
@@ -175,6 +175,7 @@ class Loop:
     """
 
     desc = "train"  # the progress bar's label
+    trackers = None  # train.report_to's trackers, started with the run's first step (:meth:`start_trackers`)
 
     @property
     def is_main(self) -> bool:
@@ -192,6 +193,14 @@ class Loop:
 
     def postfix(self, row: dict) -> dict:
         return {"loss": f"{row['loss']:.4f}"}
+
+    def start_trackers(self, step: int) -> list:
+        """The trackers of ``train.report_to`` (:mod:`ulma.tracking`) for a run that starts at ``step``."""
+        if not (self.is_main and self.cfg.train.report_to):
+            return []
+        from ulma.config import to_dict
+
+        return tracking.start_trackers(self.cfg.train.report_to, self.out, to_dict(self.cfg), step)
 
     def checkpoint_to_resume(self) -> Path | None:
         return ckpt.latest_checkpoint(self.out) if self.cfg.train.resume else None
@@ -227,7 +236,9 @@ class Loop:
             if (t.save_every and done % t.save_every == 0) or done == self.total_steps:
                 self.save(done, results)
         results["after"] = self.evaluate(self.total_steps)
-        return self.finish(results)
+        results = self.finish(results)
+        tracking.finish_trackers(self.trackers or [])
+        return results
 
     def _resume(self) -> tuple[int, dict]:
         """(first step, results so far): from the newest checkpoint with ``train.resume``,
@@ -235,14 +246,22 @@ class Loop:
         found = self.checkpoint_to_resume()
         state = {"step": 0} if found is None else self.load(found)
         self._truncate_metrics(state["step"])
+        if self.trackers is None:
+            self.trackers = self.start_trackers(state["step"])
         return state["step"], state.get("results", {})
 
     def _log(self, row: dict) -> None:
-        """The one place a metrics row is written: appended to ``OUTPUT/metrics.jsonl``."""
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        """The one place a metrics row is written: appended to ``OUTPUT/metrics.jsonl`` and
+        given to the trackers."""
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.trackers is None:
+            self.trackers = self.start_trackers(0)
+        for tracker in self.trackers:
+            tracker.log(tracking.tracker_values(row), step=row["step"])
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out / "metrics.jsonl"

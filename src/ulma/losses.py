@@ -47,6 +47,7 @@ __all__ = [
     "positive_dpo_loss",
     "negative_dpo_loss",
     "group_mean",
+    "weighted",
 ]
 
 ULMA_CONTINUOUS_FORMS = ("paper", "authors")
@@ -301,6 +302,7 @@ def group_mean(
     pos_weight: float = 1.0,
     neg_weight: float = 1.0,
     balance: bool = True,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Reduce per-example losses ``[B]`` to a scalar, positives and negatives apart.
 
@@ -321,13 +323,23 @@ def group_mean(
     ``(1/1 + 2/2) + (3/2) = 1 + 2.5 = 3.5`` = mean(pos) + mean(neg);
     balance=False gives ``(1+2)/3 + 3/3 = 2`` = mean of all three.
 
+    ``weights`` (per-example weights ``w >= 0``, the data's ``weight`` column): each loss
+    counts ``w`` times, so ``n_pos`` / ``n_neg`` are then the global SUMS of the weights
+    of each group and each mean becomes the weighted mean ``sum(w*l) / sum(w)``.  With
+    every weight 1 (or None) the result is the unweighted one, bit for bit.  Example:
+    losses ``[4, 6]``, both positive, weights ``[2, 0]``, ``n_pos=2``:
+    ``(2*4 + 0*6) / 2 = 4``, the loss of the first example alone.
+
     Args:
         losses: ``[B]`` per-example losses.
         is_positive: ``[B]`` bool (or 0/1) group of each example.
+        weights: ``[B]`` float, or None (every weight 1).
 
     Returns:
         A 0-dim tensor.
     """
+    if weights is not None:
+        losses = weighted(losses, weights)
     pos = is_positive.to(device=losses.device, dtype=torch.bool)
     zero = torch.zeros_like(losses)
     # where (not a mask product) keeps an inf/NaN in one group out of the other.
@@ -347,3 +359,10 @@ def group_mean(
         n_neg, dtype=losses.dtype, device=losses.device
     )
     return safe_div(sum_pos + sum_neg, n_total)
+
+
+def weighted(losses: Tensor, weights: Tensor) -> Tensor:
+    """``w * l`` per example (``[B], [B] -> [B]``), exactly 0 where ``w == 0``: an example
+    of weight 0 counts for nothing even when its loss is inf or NaN (``0 * inf`` is NaN)."""
+    w = weights.to(device=losses.device, dtype=losses.dtype)
+    return torch.where(w > 0, losses * w, torch.zeros_like(losses))

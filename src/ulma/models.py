@@ -109,20 +109,59 @@ def load_policy(model_cfg, device: torch.device | None = None, frozen_dtype: tor
     if model is not None:
         model = model.float()  # float32 master weights, as a loaded model gets
     else:
-        model = _from_pretrained(model_cfg)
+        model = _from_pretrained(model_cfg, device)
     model.config.use_cache = False
+    if model_cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # the weights left unquantised (norms, embeddings) in float32; gradient checkpointing stays
+        # train.gradient_checkpointing's (non-reentrant: it needs no input gradients)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if model_cfg.lora.enabled:
         model = add_lora(model, model_cfg.lora)
+    if model_cfg.load_in_4bit:
+        return model  # loaded onto its GPU; a 4-bit model is not moved or cast again
     return place(model, device, frozen_dtype)
 
 
-def _from_pretrained(model_cfg):
+def _from_pretrained(model_cfg, device):
     from transformers import AutoModelForCausalLM
 
     with _hub_errors(model_cfg.name_or_path):
         return AutoModelForCausalLM.from_pretrained(
             resolve_model_path(model_cfg.name_or_path), dtype=torch.float32,
-            trust_remote_code=model_cfg.trust_remote_code)
+            trust_remote_code=model_cfg.trust_remote_code, **quantization_kwargs(model_cfg, device))
+
+
+QLORA_HELP = "pip install 'ulma[qlora]'"
+
+
+def check_4bit(model_cfg, method: str) -> None:
+    """``model.load_in_4bit`` (QLoRA) can run here: LoRA on, a method of the main loop, a
+    CUDA GPU and bitsandbytes; else a ConfigError saying what to change."""
+    from ulma.config import ConfigError
+
+    if not model_cfg.lora.enabled:
+        raise ConfigError("model.load_in_4bit: trains LoRA adapters on a frozen 4-bit base; set model.lora.enabled=true")
+    if method in ("reward", "rlhf"):
+        raise ConfigError(f"model.load_in_4bit: not supported by method {method!r} (its own loop); "
+                          "set model.load_in_4bit=false")
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.load_in_4bit needs a CUDA GPU and bitsandbytes ({QLORA_HELP}); "
+                          "set model.load_in_4bit=false to train in full precision")
+
+
+def quantization_kwargs(model_cfg, device: torch.device | None) -> dict:
+    """``from_pretrained`` keywords of ``model.load_in_4bit``: NF4 weights and bf16 compute
+    (the QLoRA paper's, without its double quantisation), loaded straight onto ``device``;
+    ``{}`` otherwise."""
+    if not model_cfg.load_in_4bit:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return {"quantization_config": bnb, "device_map": {"": index}}
 
 
 def place(model, device: torch.device | None, frozen_dtype: torch.dtype | None = None):
@@ -139,14 +178,17 @@ def place(model, device: torch.device | None, frozen_dtype: torch.dtype | None =
 
 
 def add_lora(model, lora_cfg, task_type: str = "CAUSAL_LM"):
-    """LoRA adapters; ``task_type="SEQ_CLS"`` (reward models) also trains the score head."""
+    """LoRA adapters; ``task_type="SEQ_CLS"`` (reward models) also trains the score head.
+    ``target_modules``: a list of module names, or a string peft reads: ``"all-linear"``
+    (every Linear but the output layer) or a regular expression over full module names."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
-        target_modules=list(lora_cfg.target_modules),
+        target_modules=lora_cfg.target_modules if isinstance(lora_cfg.target_modules, str)
+        else list(lora_cfg.target_modules),
         task_type=task_type,
     )
     return get_peft_model(model, cfg)

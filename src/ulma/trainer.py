@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ulma import checkpoint as ckpt
+from ulma import checkpoint as ckpt, tracking
 from ulma.atomic import atomic_torch_save, atomic_write_json
 from ulma.backward_step import BackwardStep
 from ulma.config import Config, ConfigError, to_dict, validate
@@ -25,12 +25,12 @@ from ulma.data.tokenize import collate
 from ulma.evaluation.metrics import evaluate, table_logps
 from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf16
 from ulma.loop import Loop, NonFiniteLossError, make_optimizer, my_share, set_seed, step_plan, total_steps
-from ulma.losses import group_mean
+from ulma.losses import group_mean, weighted
 from ulma.methods import DEFAULT_LOOP, LOOPS, METHODS, LossInputs
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 
 
-def make_accelerator():
+def make_accelerator(report_to: list[str] = (), output_dir: str | Path = "."):
     """The run's Accelerator; FSDP2 and DeepSpeed ZeRO also on the CPU (gloo).
 
     accelerate turns an FSDP config into FSDP only on GPU-like devices: with
@@ -39,7 +39,7 @@ def make_accelerator():
     switched to accelerate's FSDP2 path here (for tests and debugging without a GPU).
     FSDP1 cannot compute on the CPU (its compute device is always a GPU): an error.
     DeepSpeed is only used by accelerate with ``cpu=False``; on the CPU it then needs the
-    process counts fixed.
+    process counts fixed.  ``report_to``: experiment trackers (ulma.tracking), logging under ``output_dir``.
     """
     import os
 
@@ -47,7 +47,8 @@ def make_accelerator():
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     wants_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    acc = Accelerator(cpu=not torch.cuda.is_available() and not wants_deepspeed)
+    acc = Accelerator(cpu=not torch.cuda.is_available() and not wants_deepspeed,
+                      **tracking.accelerator_kwargs(report_to, output_dir))
     if wants_deepspeed and not torch.cuda.is_available() and acc.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed's CPU accelerator (gloo without oneCCL) runs ZeRO on the CPU, but accelerate
         # counts 1 process there: take the counts from the process group it initialised.
@@ -84,12 +85,13 @@ class Trainer(Loop):
         validate(cfg)
         self.cfg = cfg
         self.method = METHODS[cfg.method.name]
-        self.acc = make_accelerator()
+        self.acc = make_accelerator(cfg.train.report_to, cfg.train.output_dir)
         self.out = Path(cfg.train.output_dir)
         ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite,
                             delete=self.acc.is_main_process)
         self.acc.wait_for_everyone()
         self.resume_from = self.checkpoint_to_resume()
+        tracking.init_accelerator_trackers(self.acc, cfg.train.report_to, self.out, to_dict(cfg), self.resume_from)
         set_seed(cfg.train.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path)
         self.data = prepare(cfg, self.tokenizer, self.method, load_split(cfg, examples))
@@ -231,8 +233,7 @@ class Trainer(Loop):
         t, m = self.cfg.train, self.cfg.method
         micro = self.plan[step * t.grad_accum : (step + 1) * t.grad_accum]
         units = self.data.train
-        pos = sum(units.positive[i] for mb in micro for i in mb)
-        neg = sum(len(mb) for mb in micro) - pos
+        pos, neg = units.group_weights([i for mb in micro for i in mb])  # counts, each unit by its weight
         world = self.acc.num_processes
         sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # loss, pos and neg loss sums
         for k, mb in enumerate(micro):
@@ -241,9 +242,10 @@ class Trainer(Loop):
             inp = self._inputs(batch, ref)
             losses, _ = self.method.loss(inp, m)
             losses = losses * share
+            w = batch["weight"].to(losses.device)
             loss = group_mean(
                 losses, inp.positive, n_pos=pos, n_neg=neg, pos_weight=m.pos_weight, neg_weight=m.neg_weight,
-                balance=m.balance,
+                balance=m.balance, weights=w,
             )
             # DDP averages gradients over processes; our loss is already a global mean.
             last = k == len(micro) - 1
@@ -254,7 +256,7 @@ class Trainer(Loop):
                 self.acc.backward(loss * world)
             # Summed on the device, read once per step: .item() per micro-batch would make the
             # CPU wait for the GPU each time.  where(), not a boolean index: that waits too.
-            d = losses.detach()
+            d = weighted(losses.detach(), w)
             sums += torch.stack([loss.detach(), d.where(inp.positive, 0.0).sum(), d.where(~inp.positive, 0.0).sum()])
         loss_sum, pos_sum, neg_sum = sums.tolist()
         stats = {"loss": loss_sum, "pos_loss_sum": pos_sum, "neg_loss_sum": neg_sum, "n_pos": pos, "n_neg": neg}
@@ -309,6 +311,9 @@ class Trainer(Loop):
 
     def one_step(self, step: int) -> dict:
         return self.train_step(step, self.ref_train)
+
+    def start_trackers(self, step: int) -> list:
+        return self.acc.trackers  # accelerate's, started in __init__ (empty but on the main process)
 
     def train_mode(self) -> None:
         self.model.train()
@@ -493,8 +498,14 @@ def train_policy(cfg: Config) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    """Run ``cfg``'s method in the loop the method registry names for it."""
+    """Run ``cfg``'s method in the loop the method registry names for it; then, with
+    ``train.push_to_hub``, push the final model (ulma.export)."""
     import importlib
 
     module, function = LOOPS.get(cfg.method.name, DEFAULT_LOOP).split(":")
-    return getattr(importlib.import_module(module), function)(cfg)
+    results = getattr(importlib.import_module(module), function)(cfg)
+    if cfg.train.push_to_hub:  # the final model and a model card, from the main process
+        from ulma.export import push_after_training
+
+        push_after_training(cfg)
+    return results

@@ -6,8 +6,12 @@
 - :class:`Pair`          -- (x, y_w, y_l): a chosen and a rejected response (Eq. 1, 5).
 
 A prompt is a tuple of chat turns ``{"role": "system"|"user"|"assistant", "content": str}``
-that ends with a user turn; the response is the next assistant turn.  Every example
-keeps ``origin`` ("file:line") so that any later error can name where it came from.
+that ends with a user turn; the response is the next assistant turn.  A demonstration
+whose prompt is ``()`` is plain text (a ``{"text"}`` row, :func:`text_demonstration`):
+rendered without the chat template and trained on every token.  Every example
+keeps ``origin`` ("file:line") so that any later error can name where it came from, and a
+``weight`` (a number >= 0, default 1): how much its loss counts in the step's mean
+(:func:`ulma.losses.group_mean`); a pair's weight goes with both of its halves.
 """
 
 from __future__ import annotations
@@ -74,19 +78,20 @@ def user_prompt(text: str, system: str | None = None) -> Prompt:
     return make_prompt(turns)
 
 
-def _check_response(text, file, row, field_name):
+def _check_response(text, file, row, field_name, what="the response"):
     if not isinstance(text, str):
         raise DataError(file, row, field_name, f"must be a string, got {type(text).__name__}")
     if not text.strip():
-        raise DataError(file, row, field_name, "the response is empty")
+        raise DataError(file, row, field_name, f"{what} is empty")
     return text
 
 
 @dataclass(frozen=True)
 class Demonstration:
-    prompt: Prompt
+    prompt: Prompt  # () for plain text: no chat template, every token trained on
     response: str
     origin: str = "<memory>"
+    weight: float = 1.0
     kind: str = field(default="demonstration", init=False)
 
 
@@ -97,6 +102,7 @@ class PointWise:
     label: float
     binary: bool = True
     origin: str = "<memory>"
+    weight: float = 1.0
     kind: str = field(default="pointwise", init=False)
 
 
@@ -106,20 +112,32 @@ class Pair:
     chosen: str
     rejected: str
     origin: str = "<memory>"
+    weight: float = 1.0
     kind: str = field(default="pair", init=False)
 
 
 Example = Union[Demonstration, PointWise, Pair]
 
 
-def demonstration(prompt, response, *, file="<memory>", row=None) -> Demonstration:
+def demonstration(prompt, response, *, file="<memory>", row=None, weight=1.0) -> Demonstration:
     """Build a validated :class:`Demonstration`."""
     return Demonstration(
-        make_prompt(prompt, file=file, row=row), _check_response(response, file, row, "response"), _origin(file, row)
+        make_prompt(prompt, file=file, row=row), _check_response(response, file, row, "response"), _origin(file, row),
+        check_weight(weight, file, row),
     )
 
 
-def pointwise(prompt, response, label, *, binary: bool, file="<memory>", row=None, label_range=None) -> PointWise:
+def text_demonstration(text, *, file="<memory>", row=None, field_name="text", weight=1.0) -> Demonstration:
+    """Plain text (TRL's ``{"text"}`` format) as a :class:`Demonstration` with an empty prompt:
+    tokenized without the chat template (the tokenizer's BOS, if it adds one, the text, EOS)
+    and trained on every token, as in pre-training."""
+    text = _check_response(text, file, row, field_name, "the text")
+    return Demonstration((), text, _origin(file, row), check_weight(weight, file, row))
+
+
+def pointwise(
+    prompt, response, label, *, binary: bool, file="<memory>", row=None, label_range=None, weight=1.0
+) -> PointWise:
     """Build a validated :class:`PointWise` example.
 
     ``binary`` labels must be 0/1 (or True/False); continuous labels must be finite numbers,
@@ -127,22 +145,36 @@ def pointwise(prompt, response, label, *, binary: bool, file="<memory>", row=Non
     """
     z = _check_label(label, binary, file, row, label_range)
     return PointWise(
-        make_prompt(prompt, file=file, row=row), _check_response(response, file, row, "response"), z, binary, _origin(file, row)
+        make_prompt(prompt, file=file, row=row), _check_response(response, file, row, "response"), z, binary,
+        _origin(file, row), check_weight(weight, file, row),
     )
 
 
-def pair(prompt, chosen, rejected, *, file="<memory>", row=None) -> Pair:
+def pair(prompt, chosen, rejected, *, file="<memory>", row=None, weight=1.0) -> Pair:
     """Build a validated :class:`Pair`."""
     return Pair(
         make_prompt(prompt, file=file, row=row),
         _check_response(chosen, file, row, "chosen"),
         _check_response(rejected, file, row, "rejected"),
         _origin(file, row),
+        check_weight(weight, file, row),
     )
 
 
 def _origin(file, row) -> str:
     return f"{file}:{row}" if row is not None else str(file)
+
+
+def check_weight(weight, file="<memory>", row=None, field_name="weight") -> float:
+    """A finite number >= 0 (an example of weight 0 is kept but does not count)."""
+    import math
+
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise DataError(file, row, field_name, f"must be a number >= 0, got {weight!r}")
+    w = float(weight)
+    if not (math.isfinite(w) and w >= 0):
+        raise DataError(file, row, field_name, f"must be a finite number >= 0, got {weight!r}")
+    return w
 
 
 def _check_label(label, binary, file, row, label_range) -> float:
@@ -169,8 +201,8 @@ def pairs_to_pointwise(pairs: Iterable[Pair]) -> list[PointWise]:
     """Each pair becomes two binary point-wise examples: chosen z=1, rejected z=0 (paper §5.1)."""
     out: list[PointWise] = []
     for p in pairs:
-        out.append(PointWise(p.prompt, p.chosen, 1.0, True, p.origin))
-        out.append(PointWise(p.prompt, p.rejected, 0.0, True, p.origin))
+        out.append(PointWise(p.prompt, p.chosen, 1.0, True, p.origin, p.weight))
+        out.append(PointWise(p.prompt, p.rejected, 0.0, True, p.origin, p.weight))
     return out
 
 
@@ -183,7 +215,7 @@ def pointwise_to_demonstrations(examples: Iterable[PointWise], threshold: float 
     examples = list(examples)
     if threshold is None:
         threshold = positive_threshold(examples)
-    return [Demonstration(e.prompt, e.response, e.origin) for e in examples if e.label >= threshold]
+    return [Demonstration(e.prompt, e.response, e.origin, e.weight) for e in examples if e.label >= threshold]
 
 
 def positive_threshold(examples: Sequence[PointWise]) -> float:
@@ -213,7 +245,7 @@ def as_kind(examples: Sequence[Example], kind: str) -> list:
             elif e.kind == "pointwise":
                 out.append(e)
             else:  # a demonstration is a positive with label 1
-                out.append(PointWise(e.prompt, e.response, 1.0, True, e.origin))
+                out.append(PointWise(e.prompt, e.response, 1.0, True, e.origin, e.weight))
         return out
     if kind == "demonstration":
         pw = as_kind(examples, "pointwise")
@@ -229,7 +261,8 @@ def as_kind(examples: Sequence[Example], kind: str) -> list:
 def pointwise_to_pairs(examples: Iterable[PointWise]) -> list[Pair]:
     """Pairs from point-wise examples that share a prompt: every (higher, lower) score combination.
 
-    Used for held-out implicit-reward accuracy on point-wise data (e.g. PyRIT scores).
+    Used for held-out implicit-reward accuracy on point-wise data (e.g. PyRIT scores); the
+    pairs built have weight 1.
     """
     by_prompt: dict = {}
     for e in examples:

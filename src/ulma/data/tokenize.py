@@ -1,10 +1,15 @@
 """The ONE place where examples become token ids and batches.
 
 Every example is rendered with the model's chat template: the prompt turns with the
-generation prompt appended, then the response followed by EOS.  The loss is taken on
-response tokens only.  When prompt + response exceed ``max_length`` the prompt is cut
-from the left (the most recent turns are kept) and, only if the response alone is too
-long, the response is cut at its end; both are counted.
+generation prompt appended, then the response followed by the end-of-turn token the
+template writes after an assistant message (:func:`response_suffix`: ChatML's
+``<|im_end|>``, Llama-3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``; EOS without a
+template).  The loss is taken on response tokens only.  An example with an empty prompt
+(a ``{"text"}`` row) is plain text: no template, the tokenizer's own start (BOS where it
+adds one) as its prompt, then the text and EOS, all of it scored.  When prompt + response
+exceed ``max_length`` the prompt is cut from the left (the most recent turns are kept)
+and, only if the response alone is too long, the response is cut at its end; both are
+counted.
 
 Sequences live in a table (:class:`SequenceTable`); a training *unit* is a tuple of row
 indices into it: one row for point-wise data and demonstrations, two (chosen, rejected)
@@ -31,11 +36,68 @@ def render_prompt(tokenizer, prompt) -> str:
     return text + "\n\nAssistant:"
 
 
+# An assistant message rendered through the chat template to see what the template writes
+# after a reply; letters only, so no template's ``| trim`` or tokenizer touches it.
+_SENTINEL = "ULMASENTINELREPLY"
+
+
 def response_suffix(tokenizer) -> list[int]:
-    """Token ids that close a response: EOS (for ChatML models EOS is ``<|im_end|>``)."""
+    """Token ids that close a response: what the chat template writes right after an
+    assistant message, up to and including its first special token, the end-of-turn marker
+    that generation stops on (ChatML ``<|im_end|>``, Llama-3 ``<|eot_id|>``, Gemma
+    ``<end_of_turn>``).  The newline some templates write after that marker is not part of
+    the response: it opens the next turn, and generation never reaches it.  Without a
+    template, or when the template writes no special token after a reply: ``[EOS]``."""
+    suffix = _template_suffix(tokenizer)
+    return suffix if suffix else [eos_id(tokenizer)]
+
+
+def stop_tokens(tokenizer) -> set[int]:
+    """Ids that end a generated response: the end-of-turn token training puts after every
+    response (the last of :func:`response_suffix`) and EOS, where the tokenizer has them."""
+    ids = {tokenizer.eos_token_id}
+    try:
+        ids.add(response_suffix(tokenizer)[-1])
+    except ValueError:  # neither an end-of-turn token nor EOS
+        pass
+    return {i for i in ids if i is not None}
+
+
+def eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; set one (tokenizer.eos_token = ...)")
-    return [tokenizer.eos_token_id]
+    return tokenizer.eos_token_id
+
+
+def _template_suffix(tokenizer) -> list[int] | None:
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception as err:  # jinja's own errors, raise_exception() of the template
+        raise ValueError(f"the chat template cannot render a user turn and an assistant reply: {err}") from err
+    if _SENTINEL not in text:
+        return None
+    after = text[text.rindex(_SENTINEL) + len(_SENTINEL) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+    for k, t in enumerate(ids):
+        if t in special:
+            return ids[: k + 1]
+    return None
+
+
+def text_prefix(tokenizer) -> list[int]:
+    """What the tokenizer puts before plain text when it adds its special tokens: ``[BOS]``
+    for Llama and Gemma, nothing for ChatML models.  The "prompt" of a ``{"text"}`` row."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(bare) + 1):
+        if full[k : k + len(bare)] == bare:
+            return full[:k]
+    return []
 
 
 @dataclass
@@ -78,14 +140,20 @@ class Tokenizer:
         self._suffix = response_suffix(tokenizer)
 
     def encode_prompt(self, prompt) -> list[int]:
+        """The rendered prompt; an empty prompt (plain text) is :func:`text_prefix`."""
         ids = self._prompt_cache.get(prompt)
         if ids is None:
-            ids = self.tok(render_prompt(self.tok, prompt), add_special_tokens=False)["input_ids"]
+            if prompt:
+                ids = self.tok(render_prompt(self.tok, prompt), add_special_tokens=False)["input_ids"]
+            else:
+                ids = text_prefix(self.tok)
             self._prompt_cache[prompt] = ids
         return ids
 
-    def encode_response(self, response: str) -> list[int]:
-        return self.tok(response, add_special_tokens=False)["input_ids"] + self._suffix
+    def encode_response(self, response: str, text: bool = False) -> list[int]:
+        """The response and its end-of-turn tokens; ``text``: plain text, closed by EOS."""
+        end = [eos_id(self.tok)] if text else self._suffix
+        return self.tok(response, add_special_tokens=False)["input_ids"] + end
 
     def add(self, table: SequenceTable, prompt, response: str, origin: str = "", partner: int = 0) -> int:
         """Tokenize (prompt, response) into ``table`` (once) and return its row index.
@@ -95,7 +163,7 @@ class Tokenizer:
         """
         if not partner and (prompt, response, 0) in table._index:
             return table._index[(prompt, response, 0)]
-        p, r = self.encode_prompt(prompt), self.encode_response(response)
+        p, r = self.encode_prompt(prompt), self.encode_response(response, text=not prompt)
         partner = partner if partner > len(r) else 0  # the longer one is cut as if alone
         key = (prompt, response, partner)
         if key in table._index:
@@ -143,7 +211,8 @@ class Units:
 
     ``rows[i]`` is ``(row,)`` or ``(chosen_row, rejected_row)``; ``labels[i]`` is z
     (1 for demonstrations and pairs); ``positive[i]`` says whether the unit counts as a
-    positive for the balanced reduction and the positive/negative loss split.
+    positive for the balanced reduction and the positive/negative loss split;
+    ``weights[i]`` is the example's weight (empty list: every weight is 1).
     """
 
     table: SequenceTable
@@ -151,9 +220,19 @@ class Units:
     labels: list[float] = field(default_factory=list)
     positive: list[bool] = field(default_factory=list)
     binary: bool = True
+    weights: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def weight(self, i: int) -> float:
+        return self.weights[i] if self.weights else 1.0
+
+    def group_weights(self, idx) -> tuple[float, float]:
+        """(positives, negatives) among units ``idx``, each unit counted by its weight: the
+        ``n_pos`` / ``n_neg`` of :func:`ulma.losses.group_mean` (the counts when all weights are 1)."""
+        pos = sum(self.weight(i) for i in idx if self.positive[i])
+        return pos, sum(self.weight(i) for i in idx) - pos
 
     def length(self, i: int, packed: bool = False) -> int:
         """Tokens of unit i's longest row; ``packed``: of its rows with their common prompt
@@ -185,6 +264,7 @@ def build_units(
             rows = (tokenizer.add(table, e.prompt, e.response, e.origin),)
             z = e.label if e.kind == "pointwise" else 1.0
         units.rows.append(rows)
+        units.weights.append(e.weight)
         units.labels.append(float(z))
         units.positive.append(e.kind != "pointwise" or e.label >= thr)
     return units
@@ -199,14 +279,15 @@ def collate(units: Units, idx: list[int], pad_id: int, ref: dict | None = None) 
     Pairs are flattened as [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}].
     Returns tensors: input_ids [N, T] long, attention_mask [N, T] long, loss_mask [N, T]
     bool (True on response tokens, aligned with input_ids), labels [B] float,
-    positive [B] bool, and ref_sum / ref_count [N] when ``ref`` holds precomputed
-    reference sums per table row.
+    positive [B] bool, weight [B] float, and ref_sum / ref_count [N] when ``ref`` holds
+    precomputed reference sums per table row.
     """
     cols = list(zip(*[units.rows[i] for i in idx]))  # one tuple per position in the unit
     rows = [r for col in cols for r in col]
     batch = pad_rows(units.table, rows, pad_id)
     batch["labels"] = torch.tensor([units.labels[i] for i in idx], dtype=torch.float32)
     batch["positive"] = torch.tensor([units.positive[i] for i in idx], dtype=torch.bool)
+    batch["weight"] = torch.tensor([units.weight(i) for i in idx], dtype=torch.float32)
     if ref is not None:
         batch["ref_sum"] = ref["sum"][rows]
         batch["ref_count"] = ref["count"][rows]

@@ -85,10 +85,12 @@ def positives(data: EvalData, limit: int | None = None, seed: int = 0) -> list:
 
 
 def references(data: EvalData, limit: int | None = None, seed: int = 0) -> list:
-    """One demonstration per prompt, the prompt's first positive (the reference answer)."""
+    """One demonstration per prompt, the prompt's first positive (the reference answer);
+    plain text (no prompt) has nothing to answer and is left out."""
     first: dict = {}
     for d in as_kind(data.examples, "demonstration"):
-        first.setdefault(d.prompt, d)
+        if d.prompt:
+            first.setdefault(d.prompt, d)
     return subsample(list(first.values()), limit, seed)
 
 

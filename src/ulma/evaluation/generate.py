@@ -23,7 +23,7 @@ import torch
 
 from ulma.atomic import atomic_write_json, atomic_write_jsonl
 from ulma.data.schema import DataError
-from ulma.data.tokenize import Tokenizer, left_pad
+from ulma.data.tokenize import Tokenizer, left_pad, stop_tokens
 from ulma.evaluation.io import EvalError, append_jsonl, read_json, read_jsonl
 from ulma.logprobs import autocast
 
@@ -47,8 +47,10 @@ def row_id(prompt, reference: str) -> str:
 
 
 def stop_ids(model, tokenizer) -> set[int]:
-    """Token ids that end a response: the tokenizer's EOS and the model's own EOS ids."""
-    ids = {tokenizer.eos_token_id}
+    """Token ids that end a response: the end-of-turn token that training puts after each
+    response (:func:`ulma.data.tokenize.response_suffix`: ``<|eot_id|>``, ``<end_of_turn>``,
+    ...), the tokenizer's EOS and the model's own EOS ids."""
+    ids = stop_tokens(tokenizer)
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
     return {i for i in ids if i is not None}

@@ -142,6 +142,7 @@ def heldout_loss(pol: dict, ref: dict, units: Units, method, m) -> float:
         binary=units.binary,
     )
     losses, _ = method.loss(inp, m)
-    n_pos = int(inp.positive.sum())
-    return float(group_mean(losses, inp.positive, n_pos=n_pos, n_neg=len(units) - n_pos,
+    n_pos, n_neg = units.group_weights(range(len(units)))
+    weights = torch.tensor([units.weight(i) for i in range(len(units))])
+    return float(group_mean(losses, inp.positive, n_pos=n_pos, n_neg=n_neg, weights=weights,
                             pos_weight=m.pos_weight, neg_weight=m.neg_weight, balance=m.balance))

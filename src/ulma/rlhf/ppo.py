@@ -34,7 +34,7 @@ from ulma import checkpoint as ckpt
 from ulma.atomic import atomic_write_json
 from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split
-from ulma.data.tokenize import Tokenizer, fit, left_pad
+from ulma.data.tokenize import Tokenizer, fit, left_pad, stop_tokens
 from ulma.evaluation.generate import generate_tokens
 from ulma.logprobs import autocast, token_logps, use_bf16
 from ulma.loop import Loop, make_optimizer, non_finite, pick_device, set_seed, step_plan, total_steps
@@ -60,13 +60,15 @@ def encode_prompts(tokenizer, prompts: list, limit: int) -> tuple[list[list[int]
     return out, cut
 
 
-def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """True on the response tokens up to and including the first EOS: ``[N, R]`` bool.
+def response_mask(response: torch.Tensor, stop_ids) -> torch.Tensor:
+    """True on the response tokens up to and including the first stop token: ``[N, R]`` bool.
 
     ``[a, b, EOS, EOS]`` -> ``[T, T, T, F]`` (what follows EOS is padding, even when the
-    pad id is the EOS id, as for SmolLM2).
+    pad id is the EOS id, as for SmolLM2).  ``stop_ids``: one id, or several: the template's
+    end-of-turn token and EOS (:func:`ulma.data.tokenize.stop_tokens`).
     """
-    is_eos = (response == eos_id).long()
+    stops = sorted(stop_ids) if isinstance(stop_ids, (set, list, tuple)) else [stop_ids]
+    is_eos = torch.isin(response, torch.tensor(stops, dtype=response.dtype)).long()
     return (is_eos.cumsum(-1) - is_eos) == 0
 
 
@@ -133,11 +135,12 @@ class Rollout:
 def sample(policy, tokenizer, prompts: list, prompt_ids: list, ppo_cfg, bf16: bool) -> Rollout:
     """Generate a response to each prompt; decode it for the reward."""
     ids, attn = left_pad(prompt_ids, tokenizer.pad_token_id)
-    response = generate_tokens(policy, ids, attn, max_new_tokens=ppo_cfg.max_new_tokens, stops=[tokenizer.eos_token_id],
+    stops = stop_tokens(tokenizer)
+    response = generate_tokens(policy, ids, attn, max_new_tokens=ppo_cfg.max_new_tokens, stops=stops,
                                pad_id=tokenizer.pad_token_id, sample=True, temperature=ppo_cfg.temperature,
                                top_p=ppo_cfg.top_p, bf16=bf16)
-    mask = response_mask(response, tokenizer.eos_token_id)
-    content = [row[m & (row != tokenizer.eos_token_id)].tolist() for row, m in zip(response, mask)]
+    mask = response_mask(response, stops)
+    content = [row[m & ~torch.isin(row, torch.tensor(sorted(stops)))].tolist() for row, m in zip(response, mask)]
     texts = tokenizer.batch_decode(content, skip_special_tokens=True)
     full_ids = torch.cat([ids, response], dim=1)
     full_attn = torch.cat([attn, mask.long()], dim=1)

@@ -28,6 +28,7 @@ from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate
 from ulma.evaluation.metrics import label_accuracy, reward_accuracy
 from ulma.logprobs import use_bf16
 from ulma.loop import Loop, make_optimizer, my_share, non_finite, set_seed, step_plan, total_steps
+from ulma.losses import weighted
 from ulma.methods import Method
 from ulma.models import add_lora, is_peft, load_tokenizer, resolve_model_path, trainable_parameters
 from ulma.rlhf import losses as RL
@@ -211,17 +212,19 @@ class RewardTrainer(Loop):
         self.data.report.update(loss=self.loss, eval_labelled=len(self.labelled))
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step: the mean unit loss over the step's global micro-batches."""
+        """One optimizer step: the mean unit loss over the step's global micro-batches (weighted
+        by the units' weights: sum w*l / sum w)."""
         t, world = self.cfg.train, self.acc.num_processes
         micro = self.plan[step * t.grad_accum : (step + 1) * t.grad_accum]
-        n_units = sum(len(mb) for mb in micro)
+        n_units = sum(self.data.train.group_weights([i for mb in micro for i in mb])) or 1.0  # all weights 0: loss 0
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct pairs, pairs
         for k, mb in enumerate(micro):
             mine, share = my_share(mb, self.acc.process_index, world)
             batch = collate(self.data.train, mine, self.pad_id)
             scores = forward_scores(self.model, batch, self.bf16)
             losses = unit_losses(self.loss, scores, batch["labels"], batch["positive"], self.data.train.binary,
-                                 self.cfg.method) * share
+                                 self.cfg.method)
+            losses = weighted(losses, batch["weight"].to(losses.device)) * share
             # DDP averages gradients over processes; the loss is already a global mean
             with self.acc.no_sync(self.model) if k < len(micro) - 1 else nullcontext():
                 self.acc.backward(losses.sum() / n_units * world)

@@ -11,6 +11,8 @@ prompt, completion, label              binary (0/1/bool) or         PointWise
 prompt, chosen, rejected               pair                         Pair
 messages [, label]                     demonstration / point-wise   last assistant turn =
                                                                     response, rest = prompt
+text                                   demonstration (plain text)   Demonstration, empty
+                                                                    prompt
 =====================================  ===========================  =====================
 
 - ``prompt``: a string (one user turn) or a list of ``{"role", "content"}`` messages
@@ -20,13 +22,22 @@ messages [, label]                     demonstration / point-wise   last assista
   ``rejected`` lists may carry the prompt themselves (TRL's implicit prompt): every message
   but the last is the prompt, and the two must agree.
 - ``messages``: a conversation whose last message is the assistant response.
+- ``text``: plain text (TRL's language-modeling format), read only from a row with none of
+  the columns above: a demonstration with an empty prompt, tokenized without the chat
+  template (BOS where the tokenizer adds one, the text, EOS) and trained on every token.
+  Text rows cannot be labelled or paired.
+- ``weight`` (any kind, optional): a number >= 0 that scales the row's loss in the step's
+  mean (a weighted mean per group: sum of w*loss / sum of w); absent, null or NaN (a
+  missing cell of a DataFrame): 1.  A pair's weight counts for both of its responses when
+  it is trained on as point-wise data.
 - In CSV files every cell is text: a prompt/response cell holding a JSON list of messages
   is decoded; labels ``true``/``false`` are booleans, other labels are parsed as numbers.
 
 Options (all sources):
 
 - ``columns``: our field -> your column name, fields ``prompt, response, label, chosen,
-  rejected, messages, system``; e.g. ``columns={"prompt": "question", "response": "answer"}``.
+  rejected, messages, system, text, weight``;
+  e.g. ``columns={"prompt": "question", "response": "answer"}``.
 - ``kind``: ``"demonstration" | "binary" | "continuous" | "pair"``.  Inferred when absent,
   from the columns found in any row: chosen and rejected -> pair; a label column -> binary
   when every numeric label is 0, 1 or a boolean, else continuous; otherwise demonstration.
@@ -35,8 +46,9 @@ Options (all sources):
   ``data_files``, ``split`` (default "train"), ``cache_dir``.
 
 Bad rows (DataError naming file, row and field): a line that is not JSON (field None,
-"invalid JSON"), a missing column (the column is named), an empty response, a label that is
-not a number ("yes", null) or not 0/1 for binary data, a score outside ``label_range``.
+"invalid JSON"), a missing column (the column is named), an empty response or text, a label
+that is not a number ("yes", null) or not 0/1 for binary data, a score outside ``label_range``,
+a ``text`` row in labelled or paired data, a weight that is not a finite number >= 0.
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ from __future__ import annotations
 import json
 import math
 
-from ulma.data.schema import DataError, demonstration, pair, pointwise
+from ulma.data.schema import DataError, check_weight, demonstration, pair, pointwise, text_demonstration
 
 from ._common import (
     LoadResult,
@@ -59,8 +71,9 @@ from ._common import (
     load_hub,
 )
 
-FIELDS = ("prompt", "response", "label", "chosen", "rejected", "messages", "system")
+FIELDS = ("prompt", "response", "label", "chosen", "rejected", "messages", "system", "text", "weight")
 DEFAULT_COLUMNS = {f: (f,) for f in FIELDS} | {"response": ("completion", "response")}
+CONTENT_FIELDS = ("prompt", "response", "chosen", "rejected", "messages")  # a row with one is not plain text
 KINDS = ("demonstration", "binary", "continuous", "pair")
 COMMON_OPTIONS = {"columns", "kind", "label_range"}
 HF_OPTIONS = {"name", "data_dir", "data_files", "split", "cache_dir"}
@@ -122,6 +135,11 @@ def _decode_cell(field: str, value):
     if not isinstance(value, str):
         return value
     text = value.strip()
+    if field == "weight":
+        try:
+            return float(text) if text else None
+        except ValueError:
+            return value
     if field == "label":
         if text.lower() in ("true", "false"):
             return text.lower() == "true"
@@ -129,7 +147,7 @@ def _decode_cell(field: str, value):
             return float(text) if text else None
         except ValueError:
             return value
-    if field != "system" and text.startswith("[{"):
+    if field not in ("system", "text") and text.startswith("[{"):
         try:
             decoded = json.loads(text)
         except json.JSONDecodeError:
@@ -223,23 +241,48 @@ def _pair_row(record, spec, file, row) -> list:
         prompt = _with_system(context, record, spec, file, row)
     else:
         prompt = _prompt(record, spec, file, row)  # raises: missing column 'prompt'
-    return [pair(prompt, chosen, rejected, file=file, row=row)]
+    return [pair(prompt, chosen, rejected, file=file, row=row, weight=_weight(record, spec, file, row))]
+
+
+def _text_row(record, spec, kind, file, row) -> list | None:
+    """[plain-text demonstration] of a row with ``text`` and no other content column; else None."""
+    col, text = spec.find(record, "text")
+    if col is None or any(spec.find(record, f)[0] is not None for f in CONTENT_FIELDS):
+        return None
+    if kind != "demonstration":
+        raise DataError(file, row, col, f"a text row is a demonstration (trained on all its tokens), but this "
+                        f"data is {kind}: labelled or paired data needs a prompt (prompt/completion or messages)")
+    weight = _weight(record, spec, file, row)
+    return [text_demonstration(text, file=file, row=row, field_name=col, weight=weight)]
 
 
 def convert_row(record, spec: Spec, kind: str, file, row) -> list:
     """One record -> [example] of ``kind``."""
     if not isinstance(record, dict):
         raise DataError(file, row, None, f"expected an object, got {type(record).__name__}")
+    if (text := _text_row(record, spec, kind, file, row)) is not None:
+        return text
     if kind == "pair":
         return _pair_row(record, spec, file, row)
     prompt, response = _prompt_response(record, spec, file, row)
+    weight = _weight(record, spec, file, row)
     if kind == "demonstration":
-        return [demonstration(prompt, response, file=file, row=row)]
+        return [demonstration(prompt, response, file=file, row=row, weight=weight)]
     label = spec.need(record, "label", file, row)
     if isinstance(label, float) and math.isnan(label):
         label = None  # pandas / parquet missing value
     binary = kind == "binary"
-    return [pointwise(prompt, response, label, binary=binary, file=file, row=row, label_range=spec.label_range)]
+    return [pointwise(prompt, response, label, binary=binary, file=file, row=row, label_range=spec.label_range,
+                      weight=weight)]
+
+
+def _weight(record, spec, file, row) -> float:
+    """The row's ``weight``: 1 when the column is absent or the cell is missing (null, or a
+    pandas NaN)."""
+    col, value = spec.find(record, "weight")
+    if col is None or value is None or (isinstance(value, float) and math.isnan(value)):
+        return 1.0
+    return check_weight(value, file, row, col)
 
 
 # ------------------------------------------------------------------------------ loaders
