@@ -3,13 +3,8 @@ import math
 import pytest
 import torch
 
+from conftest import sequence_logps
 from ulma.logprobs import logits_to_keep, reduce_logps, token_logps
-
-
-def sequence_logps(logits, input_ids, loss_mask):
-    """Sum of response-token log-probs and the token count per sequence: ([N], [N])."""
-    logps, mask = token_logps(logits, input_ids, loss_mask)
-    return logps.sum(-1), mask.sum(-1)
 
 
 def test_token_logps_match_a_plain_log_softmax():

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from chat_tokenizers import make_chat_tokenizer
-from conftest import write_jsonl
+from conftest import sequence_logps, write_jsonl
 from ulma.data.schema import DataError, Demonstration, as_kind, demonstration
 from ulma.data.sources import load_source, split_by_prompt
 from ulma.data.tokenize import Tokenizer, build_units, collate
-from ulma.logprobs import sequence_logps
 
 
 def test_a_text_row_is_a_demonstration_with_an_empty_prompt(tmp_path):
