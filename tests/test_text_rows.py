@@ -95,7 +95,7 @@ def test_in_memory_rows_of_the_python_api_read_text_and_weight():
 
 
 def test_generation_references_leave_text_rows_out():
-    from ulma.evaluation.testdata import EvalData, references
+    from ulma.evaluation.examples import EvalData, references
 
     hi = demonstration([{"role": "user", "content": "Hi"}], "Hello")
     data = EvalData([Demonstration((), "the cat."), hi, Demonstration((), "the cat sat.")], "d", [], {})

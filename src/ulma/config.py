@@ -15,9 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the dotted key."""
+from ulma.errors import ConfigError  # in errors.py: modules that config.py checks with raise it too
 
 
 @dataclass

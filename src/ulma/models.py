@@ -139,7 +139,7 @@ QLORA_HELP = "pip install 'ulma[qlora]'"
 def check_4bit(model_cfg, method: str) -> None:
     """``model.load_in_4bit`` (QLoRA) can run here: LoRA on, a method of the main loop, a
     CUDA GPU and bitsandbytes; else a ConfigError saying what to change."""
-    from ulma.config import ConfigError
+    from ulma.errors import ConfigError
 
     if not model_cfg.lora.enabled:
         raise ConfigError("model.load_in_4bit: trains LoRA adapters on a frozen 4-bit base; set model.lora.enabled=true")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ulma.config import ConfigError
+from ulma.errors import ConfigError
 
 PROJECT = "ulma"  # the trackers' project name (a wandb project, TensorBoard's sub-folder)
 LOG_DIR = "logs"  # under train.output_dir
