@@ -33,6 +33,8 @@ HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.part.json
 PAIRS = [
     ("ulma-ulma-lora", "trl-kto-lora", "ULMA vs TRL KTOTrainer, LoRA r=8"),
     ("ulma-ulma-full", "trl-kto-full", "ULMA vs TRL KTOTrainer, full fine-tuning"),
+    ("ulma-kto-lora", "trl-kto-lora", "KTO vs TRL KTOTrainer (the same loss), LoRA r=8"),
+    ("ulma-kto-full", "trl-kto-full", "KTO vs TRL KTOTrainer (the same loss), full fine-tuning"),
     ("ulma-dpo-lora", "trl-dpo-lora", "DPO vs TRL DPOTrainer, LoRA r=8"),
     ("ulma-dpo-full", "trl-dpo-full", "DPO vs TRL DPOTrainer (precomputed reference), full"),
     # TRL 1.13's KTOConfig/DPOConfig turn gradient checkpointing on by default (ulma: off):
@@ -203,7 +205,8 @@ def one_epoch(results: dict, name: str) -> float:
     if not results[name].get("precomputed_reference"):  # the workload says whether its steps exclude the pass
         return rate
     fwd = results.get("forward-plain" if name.startswith("trl") else "forward-ulma")
-    return 1 / (1 / rate + 1 / fwd["tokens_per_s"]) if fwd else None  # None: the forward rate was not measured
+    extra = results[name].get("reference_token_ratio", 1.0)  # KTO: the KL rows were scored too
+    return 1 / (1 / rate + extra / fwd["tokens_per_s"]) if fwd else None  # None: the forward rate was not measured
 
 
 def table(results: dict, peak: dict) -> str:

@@ -7,7 +7,8 @@ imports TRL.
 
 Token counts are non-padding tokens of the sequences a step trains on (prompt +
 response, both tools count their own batches' attention masks); TRL KTO's extra
-KL-estimate sequences are work TRL chooses to do and are not counted as throughput.
+KL-estimate sequences are work TRL chooses to do and are not counted as throughput, nor
+are ulma KTO's (its mismatched KL rows, scored beside each unit: the same work as TRL's).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def ulma_config(method: str, lora: bool, data: Path, steps: int, out: Path, **ov
         "model": {"name_or_path": MODEL, "lora": {"enabled": lora}},
         "data": {"train": {"source": "jsonl", "path": str(data / ("pairs.jsonl" if pairs else "unpaired.jsonl"))},
                  "eval_fraction": 0.05, "eval_limit": 8, "max_length": MAX_LENGTH},
-        "method": {"name": method, "beta": BETA},
+        "method": {"name": method, "beta": BETA, **overrides.pop("method_options", {})},
         "train": {"output_dir": str(out), "overwrite": True, "max_steps": steps, "micro_batch_size": MICRO,
                   "grad_accum": 1, "lr": LR, "warmup_ratio": 0.0, "eval_every": 0, "save_every": 0,
                   "progress": False, "bf16": BF16, **overrides.pop("train", {})},
@@ -81,7 +82,8 @@ def ulma_config(method: str, lora: bool, data: Path, steps: int, out: Path, **ov
 def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **overrides) -> dict:
     """ulma's own Trainer: reference log-probs precomputed once, then timed optimizer steps.
 
-    ``overrides`` switch a speed lever off, e.g. train={"group_by_length": False}."""
+    ``overrides`` switch a speed lever off, e.g. train={"group_by_length": False}; ``method_options``
+    are method settings beside its name and beta."""
     from ulma.trainer import Trainer
 
     trainer = Trainer(ulma_config(method, lora, data, steps, work, **overrides))
@@ -104,6 +106,9 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
         seconds.append(time.perf_counter() - t0)
         tokens.append(sum(len(units.table.sequences[r].input_ids) for i in micro for r in units.rows[i]))
     steps_peak = {"steps_peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if DEVICE.type == "cuda" else {}
+    if units.kl_rows:  # KTO: the precomputed reference also scored the KL rows (run.py's one-epoch rate)
+        unit_tokens = sum(len(units.table.sequences[r].input_ids) for rows in units.rows for r in rows)
+        steps_peak["reference_token_ratio"] = sum(units.table.lengths()) / unit_tokens
     return {"seconds": seconds, "tokens": tokens, "setup_seconds": {"reference_precompute": precompute},
             "precomputed_reference": ref_train is not None, **setup_peak, **steps_peak, **param_counts(trainer.model)}
 
@@ -294,6 +299,8 @@ def run_matmul_peak(size: int = 2048, repeats: int = 10) -> dict:
 
 # ---------------------------------------------------------------------- main
 
+KTO_AS_TRL = {"balance": False, "logp_reduction": "sum"}
+
 WORKLOADS = {
     "ulma-ulma-lora": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work),
     "ulma-ulma-full": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work),
@@ -330,6 +337,10 @@ WORKLOADS = {
     "ulma-ulma-full-mb64-compiled": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
                                                        train={"micro_batch_size": 64, "compile": True}),
     "ulma-dpo-lora": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work),
+    # KTO in ulma, set as TRL's KTOTrainer computes it: one mean over all samples (balance off),
+    # log-probs summed, z0 from one mismatched row per sample (configs/kto.yaml)
+    "ulma-kto-lora": lambda a: run_ulma("kto", True, a.data, a.steps, a.work, method_options=KTO_AS_TRL),
+    "ulma-kto-full": lambda a: run_ulma("kto", False, a.data, a.steps, a.work, method_options=KTO_AS_TRL),
     "ulma-dpo-full": lambda a: run_ulma("dpo", False, a.data, a.steps, a.work),
     "ulma-dpo-full-checkpointed": lambda a: run_ulma("dpo", False, a.data, a.steps, a.work,
                                                      train={"gradient_checkpointing": True}),

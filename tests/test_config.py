@@ -31,7 +31,7 @@ def test_unknown_key_is_named(tmp_path):
 def test_bad_values_are_named():
     with pytest.raises(ConfigError, match="train.micro_batch_size: expected int, got 'eight'"):
         load_config(None, ["train.micro_batch_size=eight"])
-    with pytest.raises(ConfigError, match=r"method.logp_reduction: 'avg' is not one of \['sum', 'mean'\]"):
+    with pytest.raises(ConfigError, match=r"method.logp_reduction: 'avg' is not one of \['sum', 'mean', 'auto'\]"):
         load_config(None, ["method.logp_reduction=avg"])
     with pytest.raises(ConfigError, match="method.name: unknown method 'ulmaa'"):
         validate(load_config(None, ["method.name=ulmaa"]))

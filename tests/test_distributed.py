@@ -44,6 +44,63 @@ def test_two_processes_match_one(tiny_model_dir, pointwise_file, tmp_path):
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
 
 
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this python")
+@pytest.mark.parametrize("method", ["kto", "bco"])
+def test_two_processes_match_one_for_kto_and_bco(method, tiny_model_dir, pointwise_file, tmp_path):
+    """KTO's z0 is the mean over the whole micro-batch's KL rows (gathered from both processes,
+    as TRL gathers it) and BCO's running mean moves by the whole step's rewards on both
+    processes: 2 processes x 2 units give the losses and weights of 1 process x 4 units."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train_here([*_args(tiny_model_dir, pointwise_file, one, 4), f"method.name={method}"])
+    args2 = [*_args(tiny_model_dir, pointwise_file, two, 2), f"method.name={method}"]
+    r2 = subprocess.run([sys.executable, "-m", "ulma", "train", "--num-processes", "2", *args2[1:]],
+                        capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    l1 = [r["loss"] for r in metrics(one) if "loss" in r]
+    l2 = [r["loss"] for r in metrics(two) if "loss" in r]
+    assert len(l1) == len(l2) == 3 and l1 == pytest.approx(l2, rel=1e-4)
+    w1 = load_file(str(one / "final" / "adapter_model.safetensors"))
+    w2 = load_file(str(two / "final" / "adapter_model.safetensors"))
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+GATHER_KL = """
+import types, torch
+from accelerate import Accelerator
+from ulma.methods import LossInputs
+from ulma.trainer import Trainer
+
+acc = Accelerator(cpu=True)
+r = acc.process_index
+mine = [1.0, 2.0] if r == 0 else [3.0, 4.0, 5.0]  # uneven shares: padded with NaN, then dropped
+inp = LossInputs(torch.tensor(mine, requires_grad=True), None, torch.zeros(len(mine)), torch.zeros(len(mine)).bool(),
+                 True, kl_policy=torch.tensor(mine), kl_ref=-torch.tensor(mine))
+out = Trainer._kl_over_processes(types.SimpleNamespace(acc=acc), inp)
+assert sorted(out.kl_policy.tolist()) == [1.0, 2.0, 3.0, 4.0, 5.0], out.kl_policy
+assert sorted(out.kl_ref.tolist()) == [-5.0, -4.0, -3.0, -2.0, -1.0], out.kl_ref
+print("gathered", r, out.kl_policy.tolist())
+"""
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this python")
+def test_kto_kl_rows_are_gathered_from_every_process(tmp_path):
+    """The step test above cannot tell (z0 clamps to 0 on its data): here each process's own KL
+    rows, 2 and 3 of them, come back as all 5 on both processes."""
+    import os
+
+    import ulma
+
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER_KL)
+    src = str(Path(ulma.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    r = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(script)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("gathered") == 2
+
+
 # ---------------------------------------------------------------- FSDP2 on the CPU
 # accelerate runs an FSDP config on the CPU as plain DDP; ulma switches it to FSDP2 over gloo
 # (ulma.trainer.make_accelerator), so FSDP's sharded weights, gradients, optimizer states,

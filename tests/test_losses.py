@@ -354,3 +354,117 @@ def test_group_mean_micro_batches_add_up(balance):
     close(summed, whole.item(), tol=1e-12)
     # and by hand: balanced 1.5*(1+3)/2 + 0.5*(2+5+7)/3 = 3 + 7/3 ; plain (1.5*4 + 0.5*14)/5 = 13/5
     close(summed, 3.0 + 7.0 / 3.0 if balance else 13.0 / 5.0, tol=1e-12)
+
+
+# ---------------------------------------------------------------- KTO and BCO (not in the paper)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_kto_hand_values():
+    """beta=0.1; logratios log pi - log pi_ref = [-10+12, -12+11, -8.5+9] = [2, -1, 0.5], labels [1, 0, 0].
+
+    KL rows (mismatched prompt/response): policy [-5, -7, -6], reference [-6, -9, -6], so
+    log pi - log pi_ref = [1, 2, 0], mean 1 = z0 (>= 0, kept).
+      unit 0, desirable:   1 - sigma(0.1 * (2 - 1))    = 1 - sigma(0.10) = 0.4750208125
+      unit 1, undesirable: 1 - sigma(0.1 * (1 - (-1))) = 1 - sigma(0.20) = 0.4501660027
+      unit 2, undesirable: 1 - sigma(0.1 * (1 - 0.5))  = 1 - sigma(0.05) = 0.4875026035
+    rewards = 0.1 * logratio = [0.2, -0.1, 0.05].
+    """
+    from ulma.losses import kto_loss
+
+    losses, rewards = kto_loss(t(-10, -12, -8.5), t(-12, -11, -9), t(1, 0, 0), t(-5, -7, -6), t(-6, -9, -6), beta=0.1)
+    close(losses, [1 - sigmoid(0.1), 1 - sigmoid(0.2), 1 - sigmoid(0.05)])
+    close(losses, [0.4750208125, 0.4501660027, 0.4875026035], tol=1e-9)
+    close(rewards, [0.2, -0.1, 0.05])
+
+
+def test_kto_reference_point_is_clamped_at_zero_and_detached():
+    """KL rows with log pi - log pi_ref = [-1, -3]: mean -2, clamped to z0 = 0, so a desirable
+    logratio of 2 costs 1 - sigma(0.1 * 2) = 0.4501660027; no gradient reaches the KL rows."""
+    from ulma.losses import kto_kl_reference_point, kto_loss
+
+    kl_policy = torch.tensor([-4.0, -6.0], dtype=D, requires_grad=True)
+    assert float(kto_kl_reference_point(kl_policy, t(-3, -3))) == 0.0
+    assert float(kto_kl_reference_point(t(-5, -7), t(-6, -9))) == 1.5  # mean of [1, 2]
+    policy = torch.tensor([-10.0], dtype=D, requires_grad=True)
+    loss, _ = kto_loss(policy, t(-12), t(1), kl_policy, t(-3, -3), beta=0.1)
+    close(loss, [0.4501660027], tol=1e-9)
+    loss.sum().backward()
+    assert kl_policy.grad is None
+    # d/dp [1 - sigma(0.1 (p - ref))] = -0.1 sigma(0.2) (1 - sigma(0.2))
+    close(policy.grad, [-0.1 * sigmoid(0.2) * (1 - sigmoid(0.2))])
+
+
+def test_kto_weights_and_the_loops_reduction_equal_trls_mean():
+    """TRL: losses = cat(w_d * chosen_losses, w_u * rejected_losses); loss = mean.  ulma: the
+    unweighted per-unit losses reduced by group_mean(balance=False, pos_weight=w_d,
+    neg_weight=w_u).  Written here a second way, TRL's: chosen and rejected indexed apart."""
+    from ulma.losses import kto_loss
+
+    g = torch.Generator().manual_seed(0)
+    policy, ref = -20 * torch.rand(6, generator=g, dtype=D), -20 * torch.rand(6, generator=g, dtype=D)
+    kl_p, kl_r = -20 * torch.rand(6, generator=g, dtype=D), -20 * torch.rand(6, generator=g, dtype=D)
+    labels = t(1, 0, 0, 1, 0, 1)
+    w_d, w_u = 1.5, 0.75
+    z0 = (kl_p - kl_r).mean().clamp(min=0)
+    lr = policy - ref
+    pos, neg = labels.bool(), ~labels.bool()
+    trl = torch.cat([w_d * (1 - torch.sigmoid(0.1 * (lr[pos] - z0))), w_u * (1 - torch.sigmoid(0.1 * (z0 - lr[neg])))])
+    weighted, _ = kto_loss(policy, ref, labels, kl_p, kl_r, beta=0.1, desirable_weight=w_d, undesirable_weight=w_u)
+    close(torch.sort(weighted).values, torch.sort(trl).values, tol=1e-12)
+    plain, _ = kto_loss(policy, ref, labels, kl_p, kl_r, beta=0.1)
+    ours = group_mean(plain, pos, n_pos=3, n_neg=3, pos_weight=w_d, neg_weight=w_u, balance=False)
+    close(ours, trl.mean(), tol=1e-12)
+
+
+def test_bco_with_zero_shift_is_pointwise_dpo_eq8():
+    """delta = 0: -log sigma(r) on desirable, -log sigma(-r) on undesirable = Eq. 8.
+    By hand (r = 0.2): 0.5981388694 and 0.7981388694 (NLL_POS / NLL_NEG above); and on
+    random log-probs against pointwise_dpo_loss."""
+    from ulma.losses import bco_loss
+
+    losses, rewards = bco_loss(t(-10, -10), t(-12, -12), t(1, 0), beta=0.1, delta=0.0)
+    close(losses, [NLL_POS, NLL_NEG])
+    close(rewards, [R, R])
+    g = torch.Generator().manual_seed(1)
+    policy, ref = -30 * torch.rand(8, generator=g, dtype=D), -30 * torch.rand(8, generator=g, dtype=D)
+    labels = (torch.rand(8, generator=g) > 0.5).to(D)
+    close(bco_loss(policy, ref, labels, beta=0.1)[0], pointwise_dpo_loss(policy, ref, labels, beta=0.1)[0], tol=1e-12)
+
+
+def test_bco_shift_hand_values():
+    """r = 0.2, delta = 0.3: desirable -log sigma(-0.1) = log(1 + e^0.1) = 0.7443966600,
+    undesirable -log sigma(0.1) = log(1 + e^-0.1) = 0.6443966600; the same as point-wise DPO
+    with log_z = -delta / beta = -3.  Rewards are the unshifted r."""
+    from ulma.losses import bco_loss
+
+    losses, rewards = bco_loss(t(-10, -10), t(-12, -12), t(1, 0), beta=0.1, delta=torch.tensor(0.3, dtype=D))
+    close(losses, [math.log(1 + math.exp(0.1)), math.log(1 + math.exp(-0.1))])
+    close(losses, [0.7443966600, 0.6443966600], tol=1e-9)
+    close(rewards, [R, R])
+    close(losses, pointwise_dpo_loss(t(-10, -10), t(-12, -12), t(1, 0), beta=0.1, log_z=-3.0)[0], tol=1e-12)
+
+
+def test_bco_running_mean_moves_once_per_step_by_the_whole_step():
+    """Step 1: micro-batches with rewards [0.2, -0.1] and [0.5], a stand-in [9] of weight 0:
+    mean (0.2 - 0.1 + 0.5) / 3 = 0.2, read by step 2 only.  Step 2: [1, 1, 1, 1]:
+    (0.6 + 4) / 7 = 0.6571428571.  state_dict / load_state_dict carry it exactly."""
+    from ulma.methods import RunningMean
+
+    s = RunningMean()
+    assert s.mean == 0.0
+    s.observe(t(0.2, -0.1))
+    s.observe(t(0.5))
+    s.observe(t(9.0), weight=0.0)
+    assert s.mean == 0.0  # not before the step ends
+    s.commit()
+    assert s.mean == pytest.approx(0.2, abs=1e-12)
+    s.observe(t(1, 1, 1, 1))
+    s.commit(lambda x: x)
+    assert s.mean == pytest.approx(4.6 / 7, abs=1e-12) and s.mean == pytest.approx(0.6571428571, abs=1e-10)
+    again = RunningMean()
+    again.load_state_dict(s.state_dict())
+    assert again.mean == s.mean and again.count == 7

@@ -143,6 +143,8 @@ def test_runner_end_to_end_then_skips_finished_cells(hh_done, hh_run, capsys):
     assert "Judge: a reward model trained by ulma on each data set's judge split" in table
     assert table_row(table, "ulma")[2] == t_cell([win_tie["ulma", 0], win_tie["ulma", 1]])
     assert table_row(table, "rlhf") == ["rlhf"] + ["missing"] * 4  # not run (on HH; PyRIT not asked for)
+    for extra in ("kto", "bco"):  # extra rows, marked
+        assert table_row(table, f"{extra} (not in the paper)") == [f"{extra} (not in the paper)"] + ["missing"] * 4
     assert "- Golden HH: not run (on the hub only: paper scale)." in table
     assert "| reward:" in table and "| hh | harmless | 4 |" in table  # the judge's agreement, 4 test pairs
     assert (done / "table1.png").read_bytes()[:4] == b"\x89PNG" and (done / "figure2.png").exists()
@@ -354,8 +356,9 @@ def test_paper_scale_dry_run_names_the_papers_setup(tmp_path, capsys):
     assert reproduce("all", "--scale", "paper", "--dry-run", "--out", str(tmp_path / "out"),
                      "--num-processes", "8") == 0
     text = capsys.readouterr().out
-    # 3 tables: 7 methods x (HH, Golden HH, red-team, QA-feedback) + Positive/Negative DPO x 3 data sets, x 3 seeds
-    assert text.startswith("ulma reproduce table1, table2, table3 at scale paper: 3 seed(s), 102 cells, 122 jobs")
+    # 3 tables: (7 methods + KTO, BCO) x (HH, Golden HH, red-team, QA-feedback) + Positive/Negative DPO x 3 data
+    # sets, x 3 seeds = (36 + 6) x 3 = 126 cells; + 4 splits, 4 judges, 4 x 3 RLHF reward models = 146 jobs
+    assert text.startswith("ulma reproduce table1, table2, table3 at scale paper: 3 seed(s), 126 cells, 146 jobs")
     assert ("setup: lmsys/vicuna-7b-v1.5, LoRA r=8 alpha=32 dropout=0.1, beta=0.1, batch 64, lr 1e-05 cosine, "
             "1 epoch, launched accelerate on 8 process(es) (the paper's)") in text
     assert ("cell cells/golden_hh/ulma/seed2: ulma, lmsys/vicuna-7b-v1.5 LoRA r=8 alpha=32 dropout=0.1, beta=0.1, "
@@ -384,6 +387,35 @@ def test_paper_scale_configs(tmp_path):
     assert [j.name for j in plan.jobs][:3] == ["data/red_team", "judge/red_team/reward", "cells/red_team/dpo/seed0"]
     dpo = plan.jobs[2].config()
     assert dpo.data.train.path.endswith("train_pairs.jsonl")  # red-team is point-wise: DPO reads built pairs
+
+
+def test_authors_setup_is_the_authors_code(tmp_path):
+    """policy.setup=authors: log pi summed for DPO and averaged for the point-wise losses, LoRA
+    dropout 0, Eq. 9 on the raw score; the paper setup (default) is unchanged."""
+    from ulma.config import ConfigError, validate
+    from ulma.methods import METHODS, logp_reduction
+    from ulma.reproduce.configs import policy_config
+    from ulma.reproduce.context import Context
+    from ulma.reproduce.experiments import data_sets
+    from ulma.reproduce.scales import load_scale, scaled_down
+
+    authors = Context(tmp_path, load_scale("cpu", ["policy.setup=authors"]), data_sets("cpu"))
+    paper = Context(tmp_path, load_scale("cpu"), data_sets("cpu"))
+    for method, how in [("dpo", "sum"), ("ulma", "mean"), ("pointwise_dpo", "mean"), ("unlearning", "mean"),
+                        ("unlikelihood", "mean"), ("kto", "sum")]:
+        cfg = policy_config(authors, authors.slots["hh"], method, 0)
+        validate(cfg)
+        assert logp_reduction(METHODS[method], cfg.method) == how
+        assert (cfg.model.lora.dropout, cfg.method.target_offset, cfg.method.target_scale) == (0.0, 0.0, 1.0)
+        cfg = policy_config(paper, paper.slots["hh"], method, 0)
+        assert logp_reduction(METHODS[method], cfg.method) == "sum"
+        assert (cfg.model.lora.dropout, cfg.method.target_offset, cfg.method.target_scale) == (0.1, 0.5, 2.0)
+    with pytest.raises(ConfigError, match=r"policy.lora.dropout: policy.setup=authors sets it to 0.0"):
+        load_scale("cpu", ["policy.setup=authors", "policy.lora.dropout=0.1"])
+    diffs = {k: (a, b) for k, a, b in scaled_down(load_scale("paper", ["policy.setup=authors"]))}
+    assert diffs == {"policy.setup": ("authors", "paper"), "policy.logp_reduction": ("auto", "sum"),
+                     "policy.lora.dropout": (0.0, 0.1), "policy.target_offset": (0.0, 0.5),
+                     "policy.target_scale": (1.0, 2.0)}
 
 
 def test_bad_names_fail_clearly(capsys):

@@ -61,7 +61,8 @@ class MethodConfig:
     name: str = "ulma"  # a name from ulma.methods.METHODS
     beta: float = 0.1  # KL strength, paper: 0.1 for every method
     log_z: float = 0.0  # the constant log Z(x) in r = beta*(log pi - log ref) + beta*log Z (paper App. A: Z≈1)
-    logp_reduction: Literal["sum", "mean"] = "sum"  # per-sample log-prob over response tokens
+    logp_reduction: Literal["sum", "mean", "auto"] = "sum"  # log pi(y|x) over response tokens: their sum (paper),
+    # their mean, or auto = the authors' code per method (sum for dpo, kto, bco; mean for the point-wise losses)
     balance: bool = True  # average positives and negatives separately, then add (authors' code)
     pos_weight: float = 1.0  # weight of the positive-sample term
     neg_weight: float = 1.0  # weight of the negative-sample term

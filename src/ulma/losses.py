@@ -46,6 +46,9 @@ __all__ = [
     "token_unlikelihood_loss",
     "positive_dpo_loss",
     "negative_dpo_loss",
+    "kto_kl_reference_point",
+    "kto_loss",
+    "bco_loss",
     "group_mean",
     "weighted",
 ]
@@ -291,6 +294,99 @@ def negative_dpo_loss(
     """
     labels = torch.zeros_like(policy_logps)
     return pointwise_dpo_loss(policy_logps, ref_logps, labels, beta=beta, log_z=log_z)
+
+
+def kto_kl_reference_point(kl_policy_logps: Tensor, kl_ref_logps: Tensor) -> Tensor:
+    """KTO's reference point ``z0 = max(0, mean(log pi(y'|x) - log pi_ref(y'|x)))``, detached.
+
+    An estimate of KL(pi || pi_ref) from mismatched (prompt, completion) pairs ``(x, y')``
+    (Ethayarajh et al. 2024, §4.1; TRL's ``KTOTrainer``: the batch's completions shifted by
+    one). No gradient flows through it. ``[K], [K] -> 0-dim``; ``K = 0`` gives 0.
+    """
+    diff = (kl_policy_logps - kl_ref_logps).detach()
+    if diff.numel() == 0:
+        return diff.new_zeros(())
+    return diff.mean().clamp(min=0)
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    labels: Tensor,
+    kl_policy_logps: Tensor,
+    kl_ref_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """KTO (Ethayarajh et al. 2024, Eq. 7 of their paper), as TRL's ``KTOTrainer`` computes it.
+
+    With ``logratio = log pi(y|x) - log pi_ref(y|x)`` and the reference point ``z0``
+    (:func:`kto_kl_reference_point`, detached):
+
+    * desirable (``z = 1``): ``w_d * (1 - sigma(beta * (logratio - z0)))``
+    * undesirable (``z = 0``): ``w_u * (1 - sigma(beta * (z0 - logratio)))``
+
+    Args:
+        policy_logps, ref_logps: ``[B]`` log-probs of the units' own (x, y).
+        labels: ``[B]`` float in {0, 1}.
+        kl_policy_logps, kl_ref_logps: ``[K]`` log-probs of mismatched (x, y') rows.
+        desirable_weight, undesirable_weight: ``w_d`` / ``w_u``. TRL takes the plain mean
+            of the weighted losses, which is :func:`group_mean` with ``balance=False``,
+            ``pos_weight=w_d``, ``neg_weight=w_u`` on the unweighted losses; the registry
+            (``ulma.methods``) leaves the weights to that reduction.
+
+    Returns:
+        ``(losses [B], rewards [B])``, rewards = ``beta * logratio`` detached (as TRL logs).
+
+    Example (beta=0.1): logratios ``[2, -1]``, labels ``[1, 0]``, KL rows with
+    ``log pi - log pi_ref = [1, 2]`` give ``z0 = 1.5``; desirable loss
+    ``1 - sigma(0.05) = 0.487503``, undesirable ``1 - sigma(0.25) = 0.437823``.
+    """
+    z0 = kto_kl_reference_point(kl_policy_logps, kl_ref_logps).to(policy_logps.dtype)
+    logratio = policy_logps - ref_logps
+    z = labels.to(logratio.dtype)
+    desirable = desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0)))
+    undesirable = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio)))
+    losses = z * desirable + (1 - z) * undesirable
+    return losses, (beta * logratio).detach()
+
+
+def bco_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    labels: Tensor,
+    *,
+    beta: float = 0.1,
+    delta: float | Tensor = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """BCO (Jung et al. 2024, "Binary Classifier Optimization"), as TRL's ``bco_loss``.
+
+    A binary classifier on the implicit reward ``r = beta * (log pi - log pi_ref)`` shifted
+    by ``delta``: ``-log sigma(r - delta)`` for desirable (``z = 1``) and
+    ``-log sigma(-(r - delta))`` for undesirable (``z = 0``) samples. TRL's ``delta`` is the
+    running mean of the rewards seen so far (``RunningMoments``); here it is an argument and
+    the caller keeps the state (``ulma.methods.RunningMean``). With ``delta = 0`` this is
+    point-wise DPO with binary labels, Eq. 8 (``log_z = 0``); a constant ``delta`` is
+    point-wise DPO with ``log_z = -delta / beta``.
+
+    TRL's optional underlying-distribution matching (UDM: a classifier on prompt
+    embeddings that re-weights undesirable samples) is not implemented.
+
+    Args:
+        policy_logps, ref_logps: ``[B]`` log-probs.
+        labels: ``[B]`` float in {0, 1}.
+        delta: the reward shift (float or 0-dim tensor), treated as a constant.
+
+    Returns:
+        ``(losses [B], rewards [B])``, rewards = ``r`` (unshifted) detached.
+    """
+    rewards = implicit_reward(policy_logps, ref_logps, beta)
+    shifted = rewards - torch.as_tensor(delta, dtype=rewards.dtype, device=rewards.device).detach()
+    z = labels.to(rewards.dtype)
+    losses = -z * F.logsigmoid(shifted) - (1 - z) * F.logsigmoid(-shifted)
+    return losses, rewards.detach()
 
 
 def group_mean(

@@ -26,7 +26,7 @@ from ulma.evaluation.metrics import evaluate, table_logps
 from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf16
 from ulma.loop import Loop, NonFiniteLossError, make_optimizer, my_share, set_seed, step_plan, total_steps
 from ulma.losses import group_mean, weighted
-from ulma.methods import DEFAULT_LOOP, LOOPS, METHODS, LossInputs
+from ulma.methods import DEFAULT_LOOP, LOOPS, METHODS, LossInputs, logp_reduction, loss_inputs
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 
 
@@ -85,6 +85,7 @@ class Trainer(Loop):
         validate(cfg)
         self.cfg = cfg
         self.method = METHODS[cfg.method.name]
+        self.method_state = self.method.state() if self.method.state else None  # e.g. BCO's running mean
         self.acc = make_accelerator(cfg.train.report_to, cfg.train.output_dir)
         self.out = Path(cfg.train.output_dir)
         ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite,
@@ -206,15 +207,14 @@ class Trainer(Loop):
         t = self.cfg.train
         out = forward_logps(self.model, batch, bf16=self.bf16, need_tokens=self.method.token_level,
                             fused=t.fused_logps, share_prompts=t.share_prompts)
-        policy = reduce_logps(out["sum"], out["count"], m.logp_reduction)
+        policy = reduce_logps(out["sum"], out["count"], logp_reduction(self.method, m))
         ref_logps = None
         if self.method.needs_reference:
             ref_logps = self._reference_logps(batch, ref)
         dev = policy.device
-        return LossInputs(
-            policy, ref_logps, batch["labels"].to(dev), batch["positive"].to(dev), self.data.train.binary,
-            out.get("tokens"), out.get("mask"),
-        )
+        inp = loss_inputs(self.method, policy, ref_logps, batch["labels"].to(dev), batch["positive"].to(dev),
+                          self.data.train.binary, out.get("tokens"), out.get("mask"), self.method_state)
+        return self._kl_over_processes(inp)
 
     def _reference_logps(self, batch: dict, ref: dict | None) -> torch.Tensor:
         m = self.cfg.method
@@ -226,7 +226,7 @@ class Trainer(Loop):
                                   share_prompts=self.cfg.train.share_prompts)
             total, count = r["sum"], r["count"]
         dev = self.acc.device
-        return reduce_logps(total.to(dev), count.to(dev), m.logp_reduction)
+        return reduce_logps(total.to(dev), count.to(dev), logp_reduction(self.method, m))
 
     def train_step(self, step: int, ref: dict | None) -> dict:
         """One optimizer step over this process's share of the step's micro-batches."""
@@ -240,7 +240,9 @@ class Trainer(Loop):
             mine, share = self._my_share(mb)
             batch = collate(units, mine, self.pad_id, ref)
             inp = self._inputs(batch, ref)
-            losses, _ = self.method.loss(inp, m)
+            losses, rewards = self.method.loss(inp, m)
+            if self.method_state is not None:
+                self.method_state.observe(rewards, share)
             losses = losses * share
             w = batch["weight"].to(losses.device)
             loss = group_mean(
@@ -258,9 +260,26 @@ class Trainer(Loop):
             # CPU wait for the GPU each time.  where(), not a boolean index: that waits too.
             d = weighted(losses.detach(), w)
             sums += torch.stack([loss.detach(), d.where(inp.positive, 0.0).sum(), d.where(~inp.positive, 0.0).sum()])
+        if self.method_state is not None:  # once per step, from every process's rewards
+            self.method_state.commit(lambda t: self.acc.reduce(t, "sum") if world > 1 else t)
         loss_sum, pos_sum, neg_sum = sums.tolist()
         stats = {"loss": loss_sum, "pos_loss_sum": pos_sum, "neg_loss_sum": neg_sum, "n_pos": pos, "n_neg": neg}
         return self._apply_update(self._sum_over_processes(stats))
+
+    def _kl_over_processes(self, inp: LossInputs) -> LossInputs:
+        """KTO's reference point is a mean over the whole micro-batch, as TRL gathers it: each
+        process's KL rows (a stand-in's too; only z0 reads them, without gradient) are
+        gathered from every process (padded with NaN to one length, then dropped)."""
+        if inp.kl_policy is None or self.acc.num_processes == 1:
+            return inp
+        from accelerate.utils import pad_across_processes
+
+        mine = torch.stack([inp.kl_policy.detach(), inp.kl_ref]).float()  # [2, b]
+        both = self.acc.gather(pad_across_processes(mine, dim=1, pad_index=float("nan")))  # [2 * world, b_max]
+        both = both.view(-1, 2, both.shape[-1]).transpose(0, 1).reshape(2, -1)
+        both = both[:, ~both[0].isnan()]
+        inp.kl_policy, inp.kl_ref = both[0], both[1]
+        return inp
 
     def _my_share(self, mb: list[int]) -> tuple[list[int], float]:
         return my_share(mb, self.acc.process_index, self.acc.num_processes)
@@ -359,7 +378,7 @@ class Trainer(Loop):
         if policy_logps is None:
             policy_logps = self._table_logps(self._eval_model(), self.data.eval.table, "evaluate")
         metrics = evaluate(self.model, self.data.eval, ref_eval, self.method, self.cfg, self.pad_id, self.bf16,
-                           policy_logps=policy_logps)
+                           policy_logps=policy_logps, state=self.method_state)
         self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 
@@ -385,6 +404,8 @@ class Trainer(Loop):
         tmp = self._save_engine(step) if self.deepspeed else None
         if self.acc.is_main_process:
             state = {"step": step, "results": results, "launch": self._launch()}
+            if self.method_state is not None:  # resumed exactly (state.json keeps floats exactly)
+                state["method_state"] = self.method_state.state_dict()
             ckpt.save_checkpoint(self.out, step, self.acc.unwrap_model(self.model), self.tokenizer,
                                  self.optimizer, self.scheduler, state, keep=self.cfg.train.keep_checkpoints,
                                  state_dict=state_dict, optimizer_state=optimizer_state, tmp=tmp)
@@ -479,7 +500,10 @@ class Trainer(Loop):
             self.model.load_checkpoint(str(found / "deepspeed"), tag="engine", load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=False)
             load_optimizer = lambda saved: None  # noqa: E731 (the engine restored it)
-        return ckpt.load_trainer_state(found, self.optimizer, self.scheduler, load_optimizer=load_optimizer)
+        state = ckpt.load_trainer_state(found, self.optimizer, self.scheduler, load_optimizer=load_optimizer)
+        if self.method_state is not None:
+            self.method_state.load_state_dict(state["method_state"])
+        return state
 
     def finish(self, results: dict) -> dict:
         results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps,

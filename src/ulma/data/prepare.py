@@ -66,10 +66,13 @@ def prepare(cfg, tokenizer, method, split: tuple | None = None) -> PreparedData:
     train_ex, eval_ex, skipped = split if split is not None else load_split(cfg)
     tok = Tokenizer(tokenizer, cfg.data.max_length)
     thr = cfg.method.positive_threshold
-    train = build_units(select(as_kind(train_ex, method.kind), method.select, thr), tok, thr)
+    train_units = select(as_kind(train_ex, method.kind), method.select, thr)
+    train = build_units(train_units, tok, thr)
+    if method.kl_rows:
+        add_kl_rows(train, train_units, tok, cfg.train.seed)
     if len(train) == 0:
         raise ValueError(f"no training examples left for method {method.name!r} (it trains on: {method.select or 'all'})")
-    evalset = build_eval(eval_ex, method, tok, thr)
+    evalset = build_eval(eval_ex, method, tok, thr, cfg.train.seed)
     report = {
         "train_examples": len(train_ex),
         "eval_examples": len(eval_ex),
@@ -105,9 +108,42 @@ def select(examples: list, part: str | None, threshold: float | None) -> list:
     return [e for e in pw if (e.label >= thr) == want]
 
 
-def build_eval(examples: list, method, tok: Tokenizer, threshold: float | None) -> EvalSet:
+def kl_partners(prompts: list, seed: int, responses: list | None = None) -> list[int]:
+    """For each unit i, the unit j whose response makes its mismatched KL row (x_i, y_j).
+
+    A seeded shuffle is read as a cycle and each unit takes the next one around it whose
+    prompt differs from its own and, where one exists, whose response differs too (the same
+    prompt or the same text would not make a mismatched pair), as TRL's KTO shifts each
+    batch's completions by one.  Deterministic for a seed; with a single prompt (or unit)
+    the plain next one.
+    """
+    n = len(prompts)
+    responses = responses if responses is not None else [None] * n
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    partner = [0] * n
+    for k, i in enumerate(order):
+        nxt = [order[(k + s) % n] for s in range(1, n)] or [i]
+        other = [j for j in nxt if prompts[j] != prompts[i]]
+        partner[i] = next((j for j in other if responses[j] != responses[i]), (other or nxt)[0])
+    return partner
+
+
+def add_kl_rows(units, examples: list, tok: Tokenizer, seed: int) -> None:
+    """Give each point-wise unit (``examples[i]`` made unit i) a mismatched row
+    (prompt_i, response_j) in the units' table, for KTO's reference point: the rows are in
+    the table, so a precomputed reference covers them."""
+    partner = kl_partners([e.prompt for e in examples], seed, [e.response for e in examples])
+    units.kl_rows = [tok.add(units.table, e.prompt, examples[j].response, f"kl:{e.origin}")
+                     for e, j in zip(examples, partner)]
+
+
+def build_eval(examples: list, method, tok: Tokenizer, threshold: float | None, seed: int = 0) -> EvalSet:
     table = SequenceTable()
-    units = build_units(select(as_kind(examples, method.kind), method.select, threshold), tok, threshold, table)
+    kept = select(as_kind(examples, method.kind), method.select, threshold)
+    units = build_units(kept, tok, threshold, table)
+    if method.kl_rows and len(units):
+        add_kl_rows(units, kept, tok, seed)
     ev = EvalSet(table, units)
     pairs = [e for e in examples if e.kind == "pair"]
     pw = as_kind([e for e in examples if e.kind == "pointwise"], "pointwise")

@@ -221,6 +221,7 @@ class Units:
     positive: list[bool] = field(default_factory=list)
     binary: bool = True
     weights: list[float] = field(default_factory=list)
+    kl_rows: list[int] = field(default_factory=list)  # per unit, its mismatched (x_i, y_j) row (KTO); empty: none
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -276,14 +277,15 @@ def build_units(
 def collate(units: Units, idx: list[int], pad_id: int, ref: dict | None = None) -> dict:
     """Pad the units ``idx`` into one batch (right padding).
 
-    Pairs are flattened as [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}].
+    Pairs are flattened as [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]; units with
+    ``kl_rows`` get their mismatched rows last, [unit rows..., kl_0..kl_{B-1}].
     Returns tensors: input_ids [N, T] long, attention_mask [N, T] long, loss_mask [N, T]
     bool (True on response tokens, aligned with input_ids), labels [B] float,
     positive [B] bool, weight [B] float, and ref_sum / ref_count [N] when ``ref`` holds
     precomputed reference sums per table row.
     """
     cols = list(zip(*[units.rows[i] for i in idx]))  # one tuple per position in the unit
-    rows = [r for col in cols for r in col]
+    rows = [r for col in cols for r in col] + [units.kl_rows[i] for i in idx if units.kl_rows]
     batch = pad_rows(units.table, rows, pad_id)
     batch["labels"] = torch.tensor([units.labels[i] for i in idx], dtype=torch.float32)
     batch["positive"] = torch.tensor([units.positive[i] for i in idx], dtype=torch.bool)

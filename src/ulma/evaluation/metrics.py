@@ -18,7 +18,7 @@ import torch
 from ulma.data.tokenize import Units, packed_width, pad_rows
 from ulma.logprobs import cast_once, forward_logps, reduce_logps
 from ulma.losses import group_mean
-from ulma.methods import LossInputs
+from ulma.methods import logp_reduction, loss_inputs
 
 
 @torch.no_grad()
@@ -104,7 +104,7 @@ def label_accuracy(rewards: torch.Tensor, labelled: list[tuple[int, bool]]) -> f
 
 
 def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool, progress: bool = True,
-             policy_logps: dict | None = None) -> dict:
+             policy_logps: dict | None = None, state=None) -> dict:
     """All held-out metrics of one model against the reference log-probs ``ref``
     (``policy_logps``, when given, are the model's log-probs already computed)."""
     m = cfg.method
@@ -113,8 +113,8 @@ def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool, pr
         rows = cfg.train.forward_rows(next(model.parameters()).device.type)
         pol = table_logps(model, evalset.table, pad_id, rows, bf16, desc="evaluate",
                           progress=progress, fused=cfg.train.fused_logps, share_prompts=cfg.train.share_prompts)
-    rewards = m.beta * (reduce_logps(pol["sum"], pol["count"], m.logp_reduction)
-                        - reduce_logps(ref["sum"], ref["count"], m.logp_reduction))
+    how = logp_reduction(method, m)
+    rewards = m.beta * (reduce_logps(pol["sum"], pol["count"], how) - reduce_logps(ref["sum"], ref["count"], how))
     ppl, tokens = perplexity(pol, evalset.positive_rows)
     acc, ties = reward_accuracy(rewards, evalset.pairs)
     out = {
@@ -126,21 +126,19 @@ def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool, pr
         "label_accuracy": label_accuracy(rewards, evalset.labelled_rows),
     }
     if not method.token_level and len(evalset.units):
-        out["loss"] = heldout_loss(pol, ref, evalset.units, method, m)
+        out["loss"] = heldout_loss(pol, ref, evalset.units, method, m, state)
     return out
 
 
-def heldout_loss(pol: dict, ref: dict, units: Units, method, m) -> float:
-    """The method's loss over all held-out units (the same reduction as in training)."""
+def heldout_loss(pol: dict, ref: dict, units: Units, method, m, state=None) -> float:
+    """The method's loss over all held-out units (the same reduction as in training);
+    ``state``: the method's state (``Method.state``) as training left it."""
     cols = list(zip(*units.rows))
-    rows = torch.tensor([r for col in cols for r in col])
-    inp = LossInputs(
-        policy=reduce_logps(pol["sum"][rows], pol["count"][rows], m.logp_reduction),
-        ref=reduce_logps(ref["sum"][rows], ref["count"][rows], m.logp_reduction),
-        labels=torch.tensor(units.labels),
-        positive=torch.tensor(units.positive),
-        binary=units.binary,
-    )
+    rows = torch.tensor([r for col in cols for r in col] + units.kl_rows)
+    how = logp_reduction(method, m)
+    inp = loss_inputs(method, reduce_logps(pol["sum"][rows], pol["count"][rows], how),
+                      reduce_logps(ref["sum"][rows], ref["count"][rows], how), torch.tensor(units.labels),
+                      torch.tensor(units.positive), units.binary, state=state)
     losses, _ = method.loss(inp, m)
     n_pos, n_neg = units.group_weights(range(len(units)))
     weights = torch.tensor([units.weight(i) for i in range(len(units))])

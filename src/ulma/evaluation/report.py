@@ -128,6 +128,7 @@ class TableLayout:
     names: dict = field(default_factory=dict)  # data set -> column title (default: its name)
     runs: int | None = None  # runs expected per cell: fewer are marked "(k/n runs)", none "missing"
     inapplicable: set = field(default_factory=set)  # (method, data set) pairs shown as "n/a"
+    labels: dict = field(default_factory=dict)  # method -> its row's title (default: its name)
 
 
 def markdown(results: list[RunResult], criteria: dict | None = None, confidence: float = 0.95,
@@ -143,7 +144,7 @@ def markdown(results: list[RunResult], criteria: dict | None = None, confidence:
                                                         f"{names.get(d, d)} {crit[d]} win & tie (%) ↑")]
     lines = [_row(head), _row(["---"] * len(head))]
     for m in methods:
-        cells = [m]
+        cells = [layout.labels.get(m, m) if layout else m]
         for d in datasets:
             runs = groups.get((m, d), [])
             values = [perplexity_cell(runs, confidence).format(1, 2),

@@ -42,6 +42,7 @@ def base_config(ctx: Context, ds, seed: int, out: Path) -> Config:
     cfg.model.name_or_path, cfg.model.lora = p.model, copy.deepcopy(p.lora)
     cfg.data.max_length, cfg.data.eval_limit = ctx.max_length(ds), p.eval_limit
     cfg.method.beta, cfg.method.logp_reduction = p.beta, p.logp_reduction
+    cfg.method.target_offset, cfg.method.target_scale = p.target_offset, p.target_scale
     t = cfg.train
     t.output_dir, t.seed, t.epochs, t.max_steps = str(out), seed, p.epochs, p.max_steps
     t.micro_batch_size, t.grad_accum, t.lr, t.warmup_ratio = p.micro_batch_size, grad_accum(ctx.scale), p.lr, p.warmup_ratio

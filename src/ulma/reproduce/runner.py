@@ -18,12 +18,12 @@ import traceback
 from dataclasses import dataclass, field
 
 from ulma.config import ConfigError, validate
-from ulma.reproduce.experiments import MAIN_METHODS, SLOTS, slot_of
+from ulma.reproduce.experiments import EXTRA_METHODS, MAIN_METHODS, SLOTS, slot_of
 from ulma.reproduce.context import Context
 from ulma.reproduce.jobs import CellJob, JudgeJob, RewardJob, SplitJob
 from ulma.reproduce.scales import processes, scaled_down
 
-METHOD_ORDER = (*MAIN_METHODS, "positive_dpo", "negative_dpo")
+METHOD_ORDER = (*MAIN_METHODS, *EXTRA_METHODS, "positive_dpo", "negative_dpo")
 
 
 @dataclass

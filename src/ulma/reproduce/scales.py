@@ -1,5 +1,7 @@
 """The two scales of ``ulma reproduce``: ``paper`` (the paper's setup) and ``cpu`` (the same
-experiments shrunk to fit a 2-core CPU).
+experiments shrunk to fit a 2-core CPU).  Either runs the paper's setup as its text states it
+(``policy.setup: paper``) or as the authors' code runs it (``--set policy.setup=authors``:
+:data:`AUTHORS_SETUP`).
 
 A scale is a typed config (:class:`Scale`); ``--set section.key=value`` changes one value
 with the checks of :mod:`ulma.config` (an unknown key or a wrong type names the dotted key).
@@ -32,7 +34,11 @@ class PolicyScale:
     epochs: float = 1.0  # paper: 1 epoch
     max_steps: Optional[int] = None  # caps the optimizer steps of every cell; None = epochs decide
     max_length: int = 1024  # prompt + response tokens (prompt cut from the left); a data set may set its own
-    logp_reduction: Literal["sum", "mean"] = "sum"  # log pi(y|x) summed over response tokens (paper)
+    setup: Literal["paper", "authors"] = "paper"  # authors: the choices of the authors' code (AUTHORS_SETUP)
+    logp_reduction: Literal["sum", "mean", "auto"] = "sum"  # log pi(y|x) summed over response tokens (paper);
+    # auto = per method as the authors' code (sum for dpo, mean for the point-wise losses)
+    target_offset: float = 0.5  # Eq. 9 regresses r on target_scale * (z - target_offset): (0.5, 2) maps
+    target_scale: float = 2.0  # scores in [0, 1] to [-1, 1]; (0, 1) is the raw score (paper's text, authors' code)
     bf16: Union[bool, Literal["auto"]] = "auto"  # bf16 autocast where it is fast (GPUs); fp32 on AVX2 CPUs
     eval_limit: Optional[int] = 256  # held-out examples the trainer scores before and after training
     save_every: int = 200  # optimizer steps between checkpoints (an interrupted cell resumes); 0 = none
@@ -129,14 +135,28 @@ def cpu_scale() -> Scale:
 
 SCALES = {"paper": paper_scale, "cpu": cpu_scale}
 
+# policy.setup=authors: what the authors' public code does where it differs from the paper's
+# text (docs: paper-notes): log pi(y|x) summed for pair-wise DPO and averaged over tokens for
+# point-wise DPO / ULMA / Unlearning / Unlikelihood, no LoRA dropout (their trainers turn
+# dropout off), and Eq. 9 on the raw score.
+AUTHORS_SETUP = {"policy.logp_reduction": "auto", "policy.lora.dropout": 0.0, "policy.target_offset": 0.0,
+                 "policy.target_scale": 1.0}
+
 
 def load_scale(name: str, overrides: list[str] | tuple = ()) -> Scale:
     """The preset ``name`` with ``section.key=value`` overrides (values read as YAML)."""
     if name not in SCALES:
         raise ConfigError(f"unknown scale {name!r}; choose one of {sorted(SCALES)}")
     raw = dataclasses.asdict(SCALES[name]())
-    for key, value in parse_assignments(overrides, "--set", "section.key=value"):
+    given = dict(parse_assignments(overrides, "--set", "section.key=value"))
+    for key, value in given.items():
         _set_dotted(raw, key, value)
+    if (raw.get("policy") or {}).get("setup") == "authors":
+        for key, value in AUTHORS_SETUP.items():
+            if key in given and given[key] != value:
+                raise ConfigError(f"{key}: policy.setup=authors sets it to {value!r} (the authors' code); "
+                                  f"drop one of the two settings")
+            _set_dotted(raw, key, value)
     scale = from_dict(Scale, raw)
     check_scale(scale)
     return scale

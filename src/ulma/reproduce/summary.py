@@ -18,7 +18,7 @@ from ulma.atomic import atomic_write_json, atomic_write_text
 from ulma.evaluation.io import EvalError, read_json
 from ulma.evaluation.report import TableLayout, default_criterion, load_result, markdown, plot_bars
 from ulma.reproduce.claims import judge_better_than_chance, judge_claims
-from ulma.reproduce.experiments import TABLES
+from ulma.reproduce.experiments import EXTRA_METHODS, MAIN_METHODS, NOT_IN_PAPER, TABLES
 from ulma.reproduce.context import Context
 from ulma.reproduce.jobs import MARKER
 from ulma.reproduce.scales import scaled_down
@@ -75,7 +75,8 @@ def table_section(ctx: Context, table, results: list, na: set, seeds: int) -> st
     names = {ds.name: ds.title for ds in run}
     keep = {(m, ds.name) for m in table.methods for ds in run}
     mine = [r for r in results if (r.method, r.dataset) in keep]
-    layout = TableLayout(list(table.methods), [ds.name for ds in run], names, seeds, na & keep)
+    layout = TableLayout(list(table.methods), [ds.name for ds in run], names, seeds, na & keep,
+                         labels={m: m + NOT_IN_PAPER for m in EXTRA_METHODS})
     lines = [f"## {table.title}", "", table.caption, "", judge_text(ctx), ""]
     lines += [f"- {ds.note}" for ds in run if ds.note]
     lines += [f"- {ctx.slots[s].title}: not run ({ctx.slots[s].unavailable})." for s in slots
@@ -141,7 +142,7 @@ def figures(ctx: Context, results: list, tables: list) -> None:
 
     for t in tables:
         draw(ctx.out / f"{t.name}.png", t.slots, t.methods)
-    main = TABLES["table1"].methods
+    main = MAIN_METHODS  # the paper's figures: its methods only
     draw(ctx.out / "figure1.png", ("golden_hh",), main)
     draw(ctx.out / "figure2.png", ("hh", "qa_feedback", "red_team"), main)
 
