@@ -4,8 +4,7 @@ forward-only passes cold and warm.  LoRA and full fine-tuning, in one process.
 
     BENCH_MODEL=/tmp/m python benchmarks/gpu_diag.py     (after benchmarks/random_model.py; see gpu.sh)
 
-The 2026-11-27 H100 output is benchmarks/results/gpu/2026-11-27-h100-diagnosis.txt (it ran
-before ulma turned cuDNN attention off itself, so its "cuDNN SDPA off" lines are the fix).
+What it found is summarised in benchmarks/README.md ("Measurements behind the code's defaults").
 """
 import os, sys, time
 import torch

@@ -66,8 +66,6 @@ LEVERS = [
      "frozen base weights stored in bf16 under bf16 autocast (LoRA, checkpointed; memory)"),
     ("ulma-dpo-lora", "ulma-dpo-lora-unshared", "shared prompts: a pair's prompt run once (DPO, LoRA)"),
     ("forward-ulma", "forward-ulma-unshared", "shared prompts: rows of one prompt run it once (forward-only)"),
-    ("forward-ulma", "forward-ulma-padded", "a batch as one row without padding, attention block by block "
-                                            "(forward-only, CPU) vs padded rows under a mask"),
     ("forward-ulma", "forward-ulma-mb8", "forward-only batches of train.forward_rows() (4x the micro-batch on CUDA, "
                                          "the micro-batch elsewhere) vs the micro-batch (8)"),
     ("forward-ulma-compiled", "forward-ulma", "torch.compile of each decoder layer (forward-only)"),

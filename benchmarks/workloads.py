@@ -204,10 +204,6 @@ def run_forward(impl: str, data: Path, n: int, batch: int | None = None, compile
     from ulma.models import compile_layers
 
     tokenizer, table = _forward_rows(data, n)
-    if impl == "ulma-padded":  # the lever off: padded rows, prompts packed under a mask
-        import ulma.logprobs
-
-        ulma.logprobs.use_segments = lambda model, device: False
     model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.float32).to(DEVICE).eval()
     if compile:
         compile_layers(model)
@@ -358,7 +354,6 @@ WORKLOADS = {
     "forward-ulma": lambda a: run_forward("ulma", a.data, a.rows),
     "forward-plain": lambda a: run_forward("plain", a.data, a.rows),
     "forward-ulma-unshared": lambda a: run_forward("ulma-unshared", a.data, a.rows),
-    "forward-ulma-padded": lambda a: run_forward("ulma-padded", a.data, a.rows),
     "forward-ulma-mb32": lambda a: run_forward("ulma", a.data, a.rows, batch=4 * MICRO),
     "forward-ulma-compiled": lambda a: run_forward("ulma", a.data, a.rows, compile=True),
     "forward-ulma-mb8": lambda a: run_forward("ulma", a.data, a.rows, batch=MICRO),

@@ -48,6 +48,14 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
+def sequence_logps(logits, input_ids, loss_mask):
+    """Sum of response-token log-probs and the token count per sequence: ([N], [N])."""
+    from ulma.logprobs import token_logps
+
+    logps, mask = token_logps(logits, input_ids, loss_mask)
+    return logps.sum(-1), mask.sum(-1)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

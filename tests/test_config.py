@@ -80,6 +80,16 @@ def test_every_config_file_loads_and_every_line_is_commented():
     assert set(_leaf_keys(defaults)) <= documented
 
 
+def test_the_values_written_in_ulma_yaml_are_the_defaults():
+    """configs/ulma.yaml shows every key with its default: it loads to exactly Config()."""
+    from pathlib import Path
+
+    from ulma.config import Config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ulma.yaml"
+    assert load_config(path) == Config()
+
+
 def test_shipped_configs_name_no_local_folder_and_run_on_local_copies_by_override():
     """The method configs read the hub (a user has no ../shared); pointed at the offline
     copies with one override, as CI does, they load the data they name."""

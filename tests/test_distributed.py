@@ -257,3 +257,35 @@ def test_deepspeed_two_processes_match_one(config, extra, weights, relaunch, tin
 def _accelerate_launch_n(config: Path, args: list[str]) -> None:
     """The shipped GPU config, with 2 processes."""
     _accelerate_launch(config, args, launch=["--num_processes", "2"])
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this python")
+def test_reward_model_two_processes_match_one(tiny_model_dir, tmp_path):
+    """The reward model's loop runs data-parallel like the policy loop: 2 processes with half
+    the micro-batch each take the steps of 1 process (losses, pair accuracy, final weights)."""
+    from test_rlhf_reward import BAD, GOOD, TOPICS, tiny_args
+
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"Please describe {t} (question {i}).", "chosen": GOOD[i % 3].format(t=t),
+             "rejected": BAD[i % 3].format(t=t)} for i, t in enumerate(TOPICS * 2)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    one, two = tmp_path / "one", tmp_path / "two"
+
+    def args(out, micro):
+        return [*tiny_args(tiny_model_dir, data, out, "train.max_steps=3", "train.group_by_length=false",
+                           "method.name=reward"), f"train.micro_batch_size={micro}", "train.grad_accum=2"]
+
+    _train_here(["train", "/dev/null", *args(one, 4)])
+    r2 = subprocess.run([sys.executable, "-m", "ulma", "train", "--num-processes", "2", "/dev/null", *args(two, 2)],
+                        capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert json.loads((two / "results.json").read_text())["processes"] == 2
+    keys = ("loss", "train_pair_accuracy", "grad_norm")
+    m1 = [[r[k] for k in keys] for r in metrics(one) if "loss" in r]
+    m2 = [[r[k] for k in keys] for r in metrics(two) if "loss" in r]
+    assert len(m1) == len(m2) == 3
+    for a, b in zip(m1, m2):
+        assert a == pytest.approx(b, rel=1e-4)
+    w1, w2 = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
+    assert w1.keys() == w2.keys() and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)

@@ -16,7 +16,7 @@ from ulma.data.schema import user_prompt, make_prompt
 from ulma.evaluation.config import ApiJudgeConfig, LocalJudgeConfig, RewardJudgeConfig
 from ulma.evaluation.io import EvalError
 from ulma.evaluation.judges import ApiJudge, Comparison, LocalJudge, RewardModelJudge, VerdictCache
-from ulma.evaluation.prompts import combine, outcome, parse_verdicts, render_judge_prompt
+from ulma.evaluation.judge_prompt import combine, outcome, parse_verdicts, render_judge_prompt
 from ulma.evaluation.winrates import summarize
 
 # ----------------------------------------------------------------------------- the prompt

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from test_train import metrics, tiny_cfg
 from ulma.config import load_config
-from ulma.trainer import NonFiniteLossError, train
+from ulma.loop import NonFiniteLossError
+from ulma.trainer import train
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_model_dir, pointwise_file, tmp_path):

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from ulma.logprobs import logits_to_keep, reduce_logps, sequence_logps, token_logps
+from conftest import sequence_logps
+from ulma.logprobs import logits_to_keep, reduce_logps, token_logps
 
 
 def test_token_logps_match_a_plain_log_softmax():
@@ -200,40 +201,6 @@ def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer):
         for n in grads[0]:
             a, b = grads[0][n], grads[1][n]
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), n
-
-
-@pytest.mark.parametrize("share", [True, False])
-def test_a_forward_without_gradients_on_a_cpu_runs_one_row_without_padding(tiny_model_dir, tokenizer, share):
-    """Without gradients on a CPU (reference log-probs, evaluation) a batch runs as one row
-    without padding, attention block by block: the log-probs and per-token log-probs of the
-    model's own logits over each whole row, LoRA and full fine-tuning.  The row holds the 5
-    rows' tokens less each row's last (a target only) and, with ``share``, the 2 repeated
-    prompts."""
-    from ulma.logprobs import forward_logps
-
-    rows = [("How do I bake bread?", "Mix flour, water, yeast and salt, then knead and bake."),
-            ("Hi", "Hello! How can I help?"), ("How do I bake bread?", "No."), ("Tell me a secret.", "No."),
-            ("Hi", "Go away, I am busy with something else.")]
-    batch = _batch(tokenizer, rows, max_length=96)
-    n_prompt = [len(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)) for p, _ in rows]
-    tokens = int(batch["attention_mask"].sum()) - 5 - (n_prompt[2] + n_prompt[4] if share else 0)
-    for lora in (True, False):
-        model = _tiny_policy(tiny_model_dir, lora)
-        inner = model.get_base_model().model if lora else model.model
-        calls = []
-        hook = inner.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
-                                               with_kwargs=True)
-        with torch.no_grad():
-            s = forward_logps(model, batch, bf16=False, need_tokens=True, share_prompts=share)
-            w = forward_logps(model, batch, bf16=False, need_tokens=True, fused=False)
-        hook.remove()
-        assert calls == [(1, tokens), (5, batch["input_ids"].shape[1])]
-        assert model.config._attn_implementation == "ulma_sdpa"
-        assert torch.equal(s["count"], w["count"])
-        assert torch.allclose(s["sum"], w["sum"], rtol=1e-5, atol=1e-4)
-        k = w["tokens"].shape[1]
-        assert torch.allclose(s["tokens"][:, -k:], w["tokens"], atol=1e-5) and not s["tokens"][:, :-k].any()
 
 
 def test_packing_is_used_only_where_it_costs_less():

@@ -147,6 +147,7 @@ def test_resumed_ppo_run_ends_where_the_uninterrupted_one_does(word_policy_dir, 
     PPOTrainer(ppo_cfg(word_policy_dir, prompt_file, a, *extra), reward).run()
     PPOTrainer(ppo_cfg(word_policy_dir, prompt_file, b, *extra), reward).run()
     shutil.rmtree(b / "final")  # interrupted after step 1: resume from checkpoints/step-000001
+    shutil.rmtree(b / "checkpoints" / "step-000002")
     PPOTrainer(ppo_cfg(word_policy_dir, prompt_file, b, *extra, "train.resume=true"), reward).run()
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         wa, wb = load_file(str(a / "final" / name)), load_file(str(b / "final" / name))

@@ -13,7 +13,8 @@ from ulma.config import ConfigError, load_config
 from ulma.data.prepare import load_split
 from ulma.data.schema import pointwise, user_prompt
 from rlhf_fixtures import word_tokenizer  # noqa: F401  (a fixture)
-from ulma.rlhf.reward import RewardScorer, resolve_loss, train_reward, training_pairs
+from ulma.rlhf.reward import resolve_loss, train_reward, training_pairs
+from ulma.scoring import RewardScorer
 
 GOOD = ["Thank you for asking about {t}, happy to help.", "Sure, thank you! {t} is a lovely subject.",
         "Happy to help with {t}, thank you for the question."]
@@ -219,14 +220,14 @@ def test_train_keys_a_loop_does_not_use_are_refused(method, key, tmp_path):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_reward_and_ppo_optimizer_is_fused_adamw_with_the_main_schedule(fused):
-    """The reward and PPO loops' optimizer (rlhf.run.make_optimizer): torch's fused AdamW when
+    """Every loop's optimizer (ulma.loop.make_optimizer): torch's fused AdamW when
     train.fused_optimizer is on, the per-tensor one when off; linear warmup then cosine, as
     the main loop: lr 1e-3, 10 steps, warmup 0.2 -> steps 0, 1 at 5e-4 and 1e-3, then step s
     at 1e-3 * 0.5 * (1 + cos(pi * (s - 2) / 8))."""
     import math
 
     from ulma.config import TrainConfig
-    from ulma.rlhf.run import make_optimizer
+    from ulma.loop import make_optimizer
 
     params = [torch.nn.Parameter(torch.ones(3))]
     opt, sched = make_optimizer(params, TrainConfig(lr=1e-3, warmup_ratio=0.2, fused_optimizer=fused), 10)

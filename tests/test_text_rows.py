@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from chat_tokenizers import make_chat_tokenizer
-from conftest import write_jsonl
+from conftest import sequence_logps, write_jsonl
 from ulma.data.schema import DataError, Demonstration, as_kind, demonstration
 from ulma.data.sources import load_source, split_by_prompt
 from ulma.data.tokenize import Tokenizer, build_units, collate
-from ulma.logprobs import sequence_logps
 
 
 def test_a_text_row_is_a_demonstration_with_an_empty_prompt(tmp_path):
@@ -96,7 +95,7 @@ def test_in_memory_rows_of_the_python_api_read_text_and_weight():
 
 
 def test_generation_references_leave_text_rows_out():
-    from ulma.evaluation.testdata import EvalData, references
+    from ulma.evaluation.examples import EvalData, references
 
     hi = demonstration([{"role": "user", "content": "Hi"}], "Hello")
     data = EvalData([Demonstration((), "the cat."), hi, Demonstration((), "the cat sat.")], "d", [], {})

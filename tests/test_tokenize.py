@@ -93,7 +93,7 @@ def test_a_pairs_packed_length_counts_its_prompt_once():
 
 def test_length_grouping_sorts_pairs_by_packed_width():
     from ulma.data.tokenize import Sequence, SequenceTable, Units
-    from ulma.trainer import epoch_plan
+    from ulma.loop import epoch_plan
 
     # pair 0: rows of 10 and 10 tokens after a 6-token prompt -> longest 10, packed 14
     # pair 1: rows of 12 and 7 after a 6-token prompt -> longest 12, packed 13

@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from conftest import write_jsonl
 from ulma.config import load_config
 from ulma.methods import METHODS
-from ulma.trainer import Trainer, lr_factor, train
+from ulma.loop import lr_factor
+from ulma.trainer import Trainer, train
 
 
 @pytest.fixture
@@ -285,7 +286,7 @@ def test_compiled_lora_layers_see_inputs_that_need_a_gradient_only_where_autogra
 
 
 def test_step_rows_average_windows_by_hand():
-    from ulma.trainer import StepRows
+    from ulma.loop import StepRows
 
     rows = StepRows(3, save_every=0, total=4)
     steps = [{"loss": 1.0, "loss_pos": None, "lr": 0.3, "skipped": False, "seconds": 0.5, "step": 1},

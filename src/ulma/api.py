@@ -36,7 +36,8 @@ def train(config: Config | dict | str | Path | None = None, *, data=None, eval_d
     tokenizer: a loaded tokenizer; None = the model's (its ``name_or_path``).
     overrides: ``section.key=value`` strings applied on top, as on the command line.
     """
-    from ulma.trainer import TRAINERS, Trainer
+    from ulma.methods import LOOPS
+    from ulma.trainer import Trainer
 
     cfg = _config(config, overrides)
     if isinstance(model, (str, Path)):
@@ -47,10 +48,10 @@ def train(config: Config | dict | str | Path | None = None, *, data=None, eval_d
             from ulma.models import load_tokenizer
 
             tokenizer = load_tokenizer(cfg.model.name_or_path)
-    if cfg.method.name in TRAINERS and (model is not None or data is not None or eval_data is not None):
+    if cfg.method.name in LOOPS and (model is not None or data is not None or eval_data is not None):
         raise ConfigError(f"method {cfg.method.name!r}: pass its model and data in the config "
                           "(in-memory objects are for the policy methods)")
-    if cfg.method.name in TRAINERS:
+    if cfg.method.name in LOOPS:
         from ulma.trainer import train as run
 
         return run(cfg)

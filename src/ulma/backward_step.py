@@ -3,8 +3,8 @@
 A parameter's update (AdamW's) needs only its own gradient, so it can be applied as soon
 as that gradient is complete, which autograd announces with a post-accumulate-grad hook;
 the gradient is then freed.  The step's gradients never exist all at once: full
-fine-tuning holds one float32 copy of the model less at its peak (0.54 GB for
-SmolLM2-135M; torchtune's ``optimizer_in_bwd``, LOMO's fused update).
+fine-tuning holds one float32 copy of the model less at its peak (torchtune's
+``optimizer_in_bwd``, LOMO's fused update).
 
 What it costs: the update of the first parameters is applied before the last gradients
 exist, so nothing that needs every gradient first can run: no clipping to a global norm

@@ -15,9 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration key or value; the message names the dotted key."""
+from ulma.errors import ConfigError  # in errors.py: modules that config.py checks with raise it too
 
 
 @dataclass
@@ -97,18 +95,15 @@ class TrainConfig:
     group_by_length: bool = True  # batches of similar length: less padding
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
     fused_logps: bool = True  # output layer only at scored positions, chunked: no [N, T, V] logits (logprobs.py)
-    share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py;
-    # a forward-only batch on a CPU is one row without padding either way, ulma.attention)
+    share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py)
     bf16_frozen_weights: bool = True  # under bf16 autocast, frozen Linear weights (LoRA's base, a reference copy, PPO's reward model) kept in bf16
     fused_optimizer: bool = True  # torch's fused AdamW (one kernel for all parameters); not under FSDP/DeepSpeed
     optimizer_in_backward: bool = False  # AdamW applied to each parameter as its gradient completes, which is then
-    # freed (ulma.backward_step): no model-sized set of gradients at once (-0.54 GB for SmolLM2-135M in full
-    # fine-tuning). Needs grad_accum: 1, max_grad_norm: 0 (no global norm before the updates) and one process
+    # freed (ulma.backward_step): no model-sized set of gradients at once. Needs grad_accum: 1, max_grad_norm: 0
+    # (no global norm before the updates) and one process
     forward_batch_size: Optional[int] = None  # rows per forward-only batch (reference log-probs, evaluation);
-    # None: 4 x micro_batch_size on CUDA, micro_batch_size elsewhere.  More rows fit (no activations are
-    # kept for a backward).  On an H200 (1.17B model, micro-batch 8) 32 rows took 2.0-2.6x less time
-    # than 8 (8 rows: launch- and Python-bound, ~17% of the bf16 peak), 64 no more than 32; on a 2-core
-    # CPU they do not pay (96 rows in batches of 8, 16, 32: 21, 20, 23 s; products at 90% of peak)
+    # None: 4 x micro_batch_size on CUDA (more rows fit: no activations are kept; small batches leave a GPU
+    # idle), micro_batch_size elsewhere (a CPU is busy at 8 rows already)
     compile: bool = False  # torch.compile each decoder layer (models.compile_layers): fewer kernel launches; fewer saved activations
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation, for debugging)
     compile_mode: Optional[str] = None  # torch.compile's mode: null (default), "reduce-overhead" (CUDA graphs), "max-autotune"
@@ -122,7 +117,7 @@ class TrainConfig:
     def forward_rows(self, device_type: str) -> int:
         """Rows per forward-only batch on a device of ``device_type`` ("cuda", "cpu", ...):
         ``forward_batch_size``, else 4 x ``micro_batch_size`` on CUDA and ``micro_batch_size``
-        elsewhere (see the field's comment for the measurements)."""
+        elsewhere (see the field's comment)."""
         return self.forward_batch_size or self.micro_batch_size * (4 if device_type == "cuda" else 1)
 
 
@@ -338,12 +333,11 @@ def validate(cfg: Config) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
-    from ulma.methods import METHODS
-    from ulma.trainer import TRAINERS
+    from ulma.methods import LOOPS, METHODS
 
-    if cfg.method.name not in METHODS and cfg.method.name not in TRAINERS:
+    if cfg.method.name not in METHODS and cfg.method.name not in LOOPS:
         raise ConfigError(
-            f"method.name: unknown method {cfg.method.name!r}; choose one of {sorted(METHODS) + sorted(TRAINERS)}"
+            f"method.name: unknown method {cfg.method.name!r}; choose one of {sorted(METHODS) + sorted(LOOPS)}"
         )
     _validate_rlhf(cfg)
     _validate_integrations(cfg)
@@ -364,7 +358,7 @@ def _validate_integrations(cfg: Config) -> None:
         check_push(cfg.train.push_to_hub)
 
 
-# train.* keys the reward and PPO loops (their own loops, one process) do not use: a value
+# train.* keys the reward and PPO loops do not use: a value
 # other than the default is an error rather than a setting that silently does nothing.
 _NEITHER = ("compile", "compile_backend", "compile_mode", "forward_batch_size", "share_prompts", "fused_logps",
             "optimizer_in_backward")

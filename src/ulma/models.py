@@ -105,7 +105,7 @@ def load_policy(model_cfg, device: torch.device | None = None, frozen_dtype: tor
 
     ``frozen_dtype``: frozen Linear weights stored in it (:func:`store_frozen_linears`)
     before the model moves to ``device``, so that the device never holds their float32
-    copies (a 1.17B LoRA run on an H100 peaked at load: 4.5 GB against ~3 GB in training)."""
+    copies (else a LoRA run's peak would be at load, not in training)."""
     if model is not None:
         model = model.float()  # float32 master weights, as a loaded model gets
     else:
@@ -139,7 +139,7 @@ QLORA_HELP = "pip install 'ulma[qlora]'"
 def check_4bit(model_cfg, method: str) -> None:
     """``model.load_in_4bit`` (QLoRA) can run here: LoRA on, a method of the main loop, a
     CUDA GPU and bitsandbytes; else a ConfigError saying what to change."""
-    from ulma.config import ConfigError
+    from ulma.errors import ConfigError
 
     if not model_cfg.lora.enabled:
         raise ConfigError("model.load_in_4bit: trains LoRA adapters on a frozen 4-bit base; set model.lora.enabled=true")
@@ -273,7 +273,7 @@ def _release_checkpoint_mapping(model, cast_dtype: torch.dtype) -> None:
     cast, they have it).  Weights loaded on the CPU are views of the memory-mapped
     checkpoint file, and the mapping lives while any of them does: after frozen Linears
     are cast, the untouched embedding would keep the whole float32 file resident beside
-    the bf16 copies (measured on SmolLM2-135M: +200 MB resident instead of -220 MB).
+    the bf16 copies, and the cast would cost memory instead of saving it.
     Nothing to do for tensors moved to a GPU (copied off the file) or deep-copied."""
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
@@ -314,9 +314,3 @@ class Reference:
 
 def trainable_parameters(model) -> list:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def save_model(model, tokenizer, folder: Path) -> None:
-    """Hugging Face format: the adapter (LoRA) or the full model, plus the tokenizer."""
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)

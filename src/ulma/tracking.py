@@ -1,8 +1,8 @@
 """``train.report_to``: experiment trackers beside ``metrics.jsonl``, through accelerate.
 
-The main loop hands the names to ``Accelerator(log_with=...)``; the reward and PPO loops
-(one process, no Accelerator) start the same tracker classes through :func:`start_trackers`.
-Both log every ``metrics.jsonl`` row, at its ``step``, and nothing else.  Local trackers
+The policy loop hands the names to ``Accelerator(log_with=...)``; the reward and PPO loops
+start the same tracker classes through :func:`start_trackers`.  Every loop gives them each
+``metrics.jsonl`` row, at its ``step``, and nothing else (:meth:`ulma.loop.Loop._log`).  Local trackers
 (tensorboard, aim, ...) write under ``OUTPUT/logs/``: TensorBoard's events are in
 ``OUTPUT/logs/ulma/``.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ulma.config import ConfigError
+from ulma.errors import ConfigError
 
 PROJECT = "ulma"  # the trackers' project name (a wandb project, TensorBoard's sub-folder)
 LOG_DIR = "logs"  # under train.output_dir

@@ -1,10 +1,10 @@
-"""The one training loop, for every method (on accelerate).
+"""The policy loop, for every method that is a loss over log-probs (on accelerate); its
+frame (plan, rows, cadence, resume) is :class:`ulma.loop.Loop`.
 
 One optimizer step = ``grad_accum`` micro-batches per process.  Positives and negatives
 are counted over the whole step (all micro-batches, all processes) *before* the forward
 passes, so the balanced reduction (:func:`ulma.losses.group_mean`) is the exact global
-mean of means however the step is split.  The data order is a pure function of
-(seed, epoch), so resuming at step k replays exactly what an uninterrupted run would do.
+mean of means however the step is split.
 """
 
 from __future__ import annotations
@@ -12,63 +12,22 @@ from __future__ import annotations
 import json
 import math
 from contextlib import nullcontext
-import random
-import time
 from pathlib import Path
 
 import torch
 
 from ulma import checkpoint as ckpt, tracking
+from ulma.atomic import atomic_torch_save, atomic_write_json
 from ulma.backward_step import BackwardStep
 from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split, prepare
 from ulma.data.tokenize import collate
 from ulma.evaluation.metrics import evaluate, table_logps
 from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf16
+from ulma.loop import Loop, NonFiniteLossError, make_optimizer, my_share, set_seed, step_plan, total_steps
 from ulma.losses import group_mean, weighted
-from ulma.methods import METHODS, LossInputs, logp_reduction, loss_inputs
+from ulma.methods import DEFAULT_LOOP, LOOPS, METHODS, LossInputs, logp_reduction, loss_inputs
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine decay to ``min_ratio`` (nanoGPT's get_lr)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_length: bool,
-               packed: bool = False) -> list[list[int]]:
-    """Global micro-batches (``micro * world`` units each) for one epoch.
-
-    Shuffled with a generator seeded by (seed, epoch); with ``group_by_length`` the
-    shuffled order is cut into windows of 32 micro-batches that are sorted by length,
-    which cuts padding while keeping the order random at the window level.  ``packed``
-    (shared prompts): a pair's length is its packed width, prompt + both responses, the
-    width of the row it runs as.
-    """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(units), generator=g).tolist()
-    size = micro * world
-    if group_by_length:
-        window = size * 32
-        order = [i for s in range(0, len(order), window)
-                 for i in sorted(order[s : s + window], key=lambda i: units.length(i, packed))]
-    batches = [order[s : s + size] for s in range(0, len(order), size)]
-    if group_by_length:
-        perm = torch.randperm(len(batches), generator=g).tolist()
-        batches = [batches[i] for i in perm]
-    return batches
 
 
 def make_accelerator(report_to: list[str] = (), output_dir: str | Path = "."):
@@ -111,57 +70,14 @@ def make_accelerator(report_to: list[str] = (), output_dir: str | Path = "."):
     return acc
 
 
-def fused_adamw(params: list, wanted: bool) -> dict:
-    """AdamW's keyword for torch's fused kernel, ``{"fused": True}``, where ``wanted`` and it
-    applies (every parameter on one CPU or CUDA device); else ``{}``."""
-    devices = {p.device.type for p in params}
-    return {"fused": True} if wanted and len(devices) == 1 and devices <= {"cpu", "cuda"} else {}
-
-
-class StepRows:
-    """``train.log_every``: one metrics row per ``every`` optimizer steps, and one at each
-    checkpoint (every ``save_every`` steps) and at the last step, ``total``, so the rows a
-    resumed run keeps are those of an uninterrupted run.  A row of several steps holds the
-    mean of each numeric metric over them (None where no step had it: a step without
-    positives has no ``loss_pos``), the sum of ``seconds`` and of the counts ``skipped`` /
-    ``skipped_updates``, the ``step`` and ``lr`` of its last step, and ``steps``, how many it
-    covers.  ``every == 1``: each step's own row, unchanged."""
-
-    LAST = ("step", "lr")
-    SUM = ("seconds", "skipped", "skipped_updates")
-
-    def __init__(self, every: int, save_every: int, total: int):
-        self.every, self.save_every, self.total, self.pending = every, save_every, total, []
-
-    def add(self, row: dict) -> dict | None:
-        """Takes one step's row; returns the row to write now, or None."""
-        if self.every == 1:
-            return row
-        self.pending.append(row)
-        step = row["step"]
-        if not (step % self.every == 0 or step == self.total or (self.save_every and step % self.save_every == 0)):
-            return None
-        rows, self.pending = self.pending, []
-        out = {}
-        for k in dict.fromkeys(k for r in rows for k in r):
-            values = [r[k] for r in rows if r.get(k) is not None]
-            if k in self.LAST or not all(isinstance(v, (int, float)) for v in values):
-                out[k] = rows[-1].get(k)
-            elif k in self.SUM:
-                out[k] = sum(values)
-            else:
-                out[k] = sum(values) / len(values) if values else None
-        return {**out, "steps": len(rows)}
-
-
 def _input_requires_grad(module, args, out: torch.Tensor) -> None:
     """Forward hook: the output needs a gradient wherever autograd records (see Trainer._compile)."""
     if torch.is_grad_enabled():
         out.requires_grad_(True)
 
 
-class Trainer:
-    """Holds the pieces of one run; :meth:`run` is the loop."""
+class Trainer(Loop):
+    """Holds the pieces of one run; :meth:`run` (:class:`ulma.loop.Loop`'s) is the loop."""
 
     def __init__(self, cfg: Config, *, model=None, tokenizer=None, examples: tuple | None = None):
         """``model``, ``tokenizer``, ``examples`` (train, held-out or None, skipped rows): objects
@@ -175,16 +91,15 @@ class Trainer:
         ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite,
                             delete=self.acc.is_main_process)
         self.acc.wait_for_everyone()
-        self.resume_from = ckpt.latest_checkpoint(self.out) if cfg.train.resume else None
+        self.resume_from = self.checkpoint_to_resume()
         tracking.init_accelerator_trackers(self.acc, cfg.train.report_to, self.out, to_dict(cfg), self.resume_from)
         set_seed(cfg.train.seed)
         self.tokenizer = tokenizer or load_tokenizer(cfg.model.name_or_path)
         self.data = prepare(cfg, self.tokenizer, self.method, load_split(cfg, examples))
         self.bf16 = use_bf16(cfg.train.bf16, self.acc.device)
         # train.bf16_frozen_weights: under bf16 autocast, LoRA's frozen base layers and a live
-        # reference copy keep their Linear weights in bf16 (the same products, half their memory:
-        # 2.35 of the 4.7 GB of a 1.17B model's float32 weights).  Not under FSDP or DeepSpeed,
-        # which keep their own flat parameter buffers of one dtype.
+        # reference copy keep their Linear weights in bf16 (the same products, half their memory).
+        # Not under FSDP or DeepSpeed, which keep their own flat parameter buffers of one dtype.
         frozen = self.bf16 and cfg.train.bf16_frozen_weights and not (self.fsdp or self.deepspeed)
         frozen = torch.bfloat16 if frozen else None
         self.model = load_policy(cfg.model, self.acc.device, frozen, model=model)
@@ -204,7 +119,9 @@ class Trainer:
         self._setup_optimizer()
         if self.fsdp:  # FSDP1 wraps the model (FSDP2 shards it in place): pi_ref runs through the wrapper
             self.reference.policy = self.model
-        self.plan = self._plan()
+        t = cfg.train
+        self.plan = step_plan(self.data.train, self.total_steps * t.grad_accum, t.micro_batch_size,
+                              self.acc.num_processes, t.seed, t.group_by_length, packed=t.share_prompts)
 
     def _compile(self) -> None:
         """``train.compile``: each decoder layer of the policy (and of a live reference copy)
@@ -266,13 +183,11 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         t = self.cfg.train
         params = trainable_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999),
-                                           **self._fused_optimizer(params))
-        self.total_steps = self._total_steps()
-        warmup = int(t.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, t.min_lr_ratio)
-        )
+        world = self.acc.num_processes
+        self.total_steps = total_steps(t, math.ceil(len(self.data.train) / (t.micro_batch_size * world)), t.grad_accum)
+        # torch's fused AdamW: not under FSDP or DeepSpeed (sharded parameters; DeepSpeed steps its own way)
+        self.optimizer, self.scheduler = make_optimizer(params, t, self.total_steps,
+                                                        fused_ok=not (self.fsdp or self.deepspeed))
         if self.deepspeed:  # no dataloader goes through prepare() to tell DeepSpeed the batch size
             ds = self.acc.state.deepspeed_plugin.deepspeed_config
             ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
@@ -285,34 +200,6 @@ class Trainer:
                                   "backward, before any all-reduce of them across processes)")
             inner = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
             self.in_backward = BackwardStep(inner, params, fused=bool(inner.defaults.get("fused")))
-
-    def _micro_per_epoch(self) -> int:
-        size = self.cfg.train.micro_batch_size * self.acc.num_processes
-        return math.ceil(len(self.data.train) / size)
-
-    def _total_steps(self) -> int:
-        t = self.cfg.train
-        if t.max_steps:
-            return t.max_steps
-        return max(1, math.ceil(t.epochs * self._micro_per_epoch() / t.grad_accum))
-
-    def _plan(self) -> list[list[int]]:
-        t = self.cfg.train
-        needed = self.total_steps * t.grad_accum
-        plan, epoch = [], 0
-        while len(plan) < needed:
-            plan += epoch_plan(self.data.train, t.micro_batch_size, self.acc.num_processes, t.seed, epoch,
-                               t.group_by_length, packed=t.share_prompts)
-            epoch += 1
-        return plan[:needed]
-
-    def _fused_optimizer(self, params: list) -> dict:
-        """{"fused": True} where torch's fused AdamW applies: one kernel over all parameters
-        instead of a loop of per-op kernels.  Measured: 0.60 -> 0.08 s per step for
-        SmolLM2-135M on a 2-core CPU, 36 -> 15 ms for 1.17B parameters on an H100.  Not
-        under FSDP or DeepSpeed (sharded parameters; DeepSpeed steps its own way)."""
-        wanted = self.cfg.train.fused_optimizer and not self.fsdp and not self.deepspeed
-        return fused_adamw(params, wanted)
 
     # ------------------------------------------------------------------ one step
     def _inputs(self, batch: dict, ref: dict | None) -> LossInputs:
@@ -395,15 +282,7 @@ class Trainer:
         return inp
 
     def _my_share(self, mb: list[int]) -> tuple[list[int], float]:
-        """This process's slice of a global micro-batch, and 1.0 (or 0.0 for a stand-in).
-
-        Every process must run every backward (DDP all-reduces in it); a process whose
-        slice of a short final micro-batch is empty runs one unit with weight 0.
-        """
-        rank, world = self.acc.process_index, self.acc.num_processes
-        size = math.ceil(len(mb) / world)
-        mine = mb[rank * size : (rank + 1) * size]
-        return (mine, 1.0) if mine else (mb[:1], 0.0)
+        return my_share(mb, self.acc.process_index, self.acc.num_processes)
 
     def _sum_over_processes(self, stats: dict) -> dict:
         """Each process holds its share of the step's sums; the logged numbers are global."""
@@ -440,41 +319,30 @@ class Trainer:
             "skipped": not finite,
         }
 
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> dict:
-        from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ the loop (ulma.loop.Loop)
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
 
-        t = self.cfg.train
-        ref_train, ref_eval = self._reference_caches()
-        start, results = self._maybe_resume()
-        if start == 0:  # the reference IS the initial policy: its log-probs are the "before" numbers
-            results["before"] = self._evaluate(ref_eval, 0, policy_logps=ref_eval)
-        bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="train",
-                   disable=not (t.progress and self.acc.is_main_process), dynamic_ncols=True)
+    def run(self) -> dict:
+        self.ref_train, self.ref_eval = self._reference_caches()
+        return super().run()
+
+    def one_step(self, step: int) -> dict:
+        return self.train_step(step, self.ref_train)
+
+    def start_trackers(self, step: int) -> list:
+        return self.acc.trackers  # accelerate's, started in __init__ (empty but on the main process)
+
+    def train_mode(self) -> None:
         self.model.train()
-        bad_in_a_row, self.skipped_steps = 0, 0
-        rows = StepRows(t.log_every, t.save_every, self.total_steps)
-        for step in bar:
-            t0 = time.perf_counter()
-            row = self.train_step(step, ref_train)
-            bad_in_a_row = bad_in_a_row + 1 if row["skipped"] else 0
-            self.skipped_steps += row["skipped"]
-            if bad_in_a_row >= t.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"step {step + 1}: loss or gradients non-finite {bad_in_a_row} steps in a row "
-                    f"(train.max_bad_steps={t.max_bad_steps}); stopping. The last checkpoint is intact."
-                )
-            row.update(step=step + 1, seconds=round(time.perf_counter() - t0, 3))
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            done = step + 1
-            if (out := rows.add(row)) is not None:
-                self._log(out)
-            if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
-                self._evaluate(ref_eval, done)
-            if (t.save_every and done % t.save_every == 0) or done == self.total_steps:
-                self._save(done, results)
-        results["after"] = self._evaluate(ref_eval, self.total_steps)
-        return self._finish(results)
+
+    def evaluate_before(self) -> dict:
+        """The reference IS the initial policy: its log-probs are the "before" numbers."""
+        return self._evaluate(self.ref_eval, 0, policy_logps=self.ref_eval)
+
+    def evaluate(self, step: int) -> dict:
+        return self._evaluate(self.ref_eval, step)
 
     def _reference_caches(self):
         """Reference log-probs computed once, before any update (and kept on disk for resume)."""
@@ -490,7 +358,7 @@ class Trainer:
             train = self._table_logps(net, self.data.train.table, "reference log-probs") if need_train else None
             evals = self._table_logps(net, self.data.eval.table, "reference log-probs (held out)")
         if self.acc.is_main_process:
-            ckpt.atomic_torch_save({"train": train, "eval": evals}, path)
+            atomic_torch_save({"train": train, "eval": evals}, path)
         return train, evals
 
     def _table_logps(self, net, table, desc: str) -> dict:
@@ -514,14 +382,6 @@ class Trainer:
         self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 
-    def _log(self, row: dict) -> None:
-        if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.cfg.train.report_to:
-                self.acc.log(tracking.tracker_values(row), step=row["step"])
-
     def _nonfinite_weights(self) -> list[str]:
         """Trainable weights holding NaN/inf, in any process's shard (the same answer everywhere)."""
         bad = []
@@ -535,7 +395,7 @@ class Trainer:
                 bad = ["(in another process's shard)"]
         return bad
 
-    def _save(self, step: int, results: dict) -> None:
+    def save(self, step: int, results: dict) -> None:
         bad = self._nonfinite_weights()
         if bad:  # never write a NaN checkpoint: the last good one stays the newest
             raise NonFiniteLossError(f"step {step}: non-finite weights in {bad[:3]}; checkpoint not written")
@@ -632,58 +492,43 @@ class Trainer:
                 "checkpoint resumes only under DeepSpeed with the same ZeRO stage and number of processes "
                 "(its optimizer state is partitioned), and DeepSpeed resumes only its own checkpoints")
 
-    def _maybe_resume(self) -> tuple[int, dict]:
-        found = self.resume_from  # its weights were loaded before the model was prepared (not under DeepSpeed)
-        if found is None:
-            self._truncate_metrics(0)
-            return 0, {}
+    def load(self, found: Path) -> dict:
+        """The optimizer, schedule and RNG of checkpoint ``found``; its weights were loaded
+        before the model was prepared (not under DeepSpeed, whose engine loads both)."""
         load_optimizer = self._load_optimizer_state
-        if self.deepspeed:  # weights and optimizer partitions from the engine's own checkpoint
+        if self.deepspeed:
             self.model.load_checkpoint(str(found / "deepspeed"), tag="engine", load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=False)
             load_optimizer = lambda saved: None  # noqa: E731 (the engine restored it)
         state = ckpt.load_trainer_state(found, self.optimizer, self.scheduler, load_optimizer=load_optimizer)
-        self._truncate_metrics(state["step"])
         if self.method_state is not None:
             self.method_state.load_state_dict(state["method_state"])
-        return state["step"], state.get("results", {})
+        return state
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric rows after ``step``: the resumed run writes them again."""
-        path = self.out / "metrics.jsonl"
-        if not (self.acc.is_main_process and path.exists()):
-            return
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        ckpt.atomic_write_text(path, "".join(r + "\n" for r in rows))
-
-    def _finish(self, results: dict) -> dict:
+    def finish(self, results: dict) -> dict:
         results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps,
-                       skipped_steps=getattr(self, "skipped_steps", 0), processes=self.acc.num_processes,
+                       skipped_steps=self.skipped_steps, processes=self.acc.num_processes,
                        distributed=self._distributed_name(), compiled_layers=self.compiled_layers)
         state_dict = self._full_state_dict()
         if self.acc.is_main_process:
             final = self.out / "final"
             ckpt.atomic_save_model(final, self.acc.unwrap_model(self.model), self.tokenizer, state_dict)
-            ckpt.atomic_write_json(self.out / "results.json", results)
-        tracking.finish_trackers(self.acc.trackers)
+            atomic_write_json(self.out / "results.json", results)
         return results
 
 
-# Methods that are not a loss over log-probs run their own loop: name -> "module:function(cfg)".
-# Imported on use, so `import ulma.trainer` stays light and free of import cycles.
-TRAINERS = {"reward": "ulma.rlhf.reward:train_reward", "rlhf": "ulma.rlhf.ppo:train_ppo"}
+def train_policy(cfg: Config) -> dict:
+    return Trainer(cfg).run()
 
 
 def train(cfg: Config) -> dict:
-    entry = TRAINERS.get(cfg.method.name)
-    if entry is None:
-        results = Trainer(cfg).run()
-    else:
-        import importlib
+    """Run ``cfg``'s method in the loop the method registry names for it; then, with
+    ``train.push_to_hub``, push the final model (ulma.export)."""
+    import importlib
 
-        module, function = entry.split(":")
-        results = getattr(importlib.import_module(module), function)(cfg)
-    if cfg.train.push_to_hub:  # the final model and a model card, from the main process (ulma.export)
+    module, function = LOOPS.get(cfg.method.name, DEFAULT_LOOP).split(":")
+    results = getattr(importlib.import_module(module), function)(cfg)
+    if cfg.train.push_to_hub:  # the final model and a model card, from the main process
         from ulma.export import push_after_training
 
         push_after_training(cfg)

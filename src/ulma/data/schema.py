@@ -16,7 +16,7 @@ keeps ``origin`` ("file:line") so that any later error can name where it came fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence, Union
 
 ROLES = ("system", "user", "assistant")
@@ -276,7 +276,3 @@ def pointwise_to_pairs(examples: Iterable[PointWise]) -> list[Pair]:
                 hi, lo = (a, b) if a.label > b.label else (b, a)
                 out.append(Pair(prompt, hi.response, lo.response, f"{hi.origin}|{lo.origin}"))
     return out
-
-
-def relabel(example: PointWise, label: float) -> PointWise:
-    return replace(example, label=float(label))

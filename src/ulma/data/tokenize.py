@@ -247,10 +247,6 @@ class Units:
             return longest  # prompts differ: not packed together
         return packed_width(seqs)
 
-    @property
-    def is_pair(self) -> bool:
-        return bool(self.rows) and len(self.rows[0]) == 2
-
 
 def build_units(
     examples: list[Example], tokenizer: Tokenizer, threshold: float | None = None, table: SequenceTable | None = None

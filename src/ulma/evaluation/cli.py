@@ -137,7 +137,7 @@ def _options(pairs: list[str]) -> dict:
 
 
 def _data_spec(args):
-    from ulma.evaluation.testdata import DataSpec
+    from ulma.evaluation.examples import DataSpec
 
     return DataSpec(args.data, args.format, _options(args.option), args.on_data_error, args.split,
                     args.test_fraction, args.split_seed, args.limit, args.name)
@@ -153,7 +153,7 @@ def _out_dir(args, spec) -> Path:
 
 def _model_and_data(args):
     from ulma.evaluation.loading import resolve_model
-    from ulma.evaluation.testdata import load_eval_data
+    from ulma.evaluation.examples import load_eval_data
 
     spec = resolve_model(args.model, args.base)
     data = load_eval_data(_data_spec(args), spec.run_config)
@@ -166,7 +166,7 @@ def cmd_perplexity(args) -> int:
     from ulma.config import TrainConfig
     from ulma.evaluation.loading import load_model, run_meta
     from ulma.evaluation.perplexity import write_perplexity
-    from ulma.evaluation.testdata import positives
+    from ulma.evaluation.examples import positives
 
     spec, data, out = _model_and_data(args)
     demos = positives(data, args.limit, args.split_seed)
@@ -185,7 +185,7 @@ def cmd_perplexity(args) -> int:
 def cmd_generate(args) -> int:
     from ulma.evaluation.generate import GenerateConfig, generate_file
     from ulma.evaluation.loading import load_model, run_meta
-    from ulma.evaluation.testdata import references
+    from ulma.evaluation.examples import references
 
     spec, data, out = _model_and_data(args)
     items = references(data, args.limit, args.split_seed)
@@ -214,7 +214,7 @@ def _judge(args, out: Path):
 
 
 def cmd_judge(args) -> int:
-    from ulma.evaluation.judging import judge_generations
+    from ulma.evaluation.judges import judge_generations
 
     out = Path(args.out) if args.out else Path(args.generations).parent
     judge, cfg = _judge(args, out)
@@ -227,9 +227,9 @@ def cmd_judge(args) -> int:
 
 
 def cmd_agreement(args) -> int:
-    from ulma.evaluation.judging import judge_agreement
+    from ulma.evaluation.judges import judge_agreement
     from ulma.evaluation.report import default_criterion
-    from ulma.evaluation.testdata import human_pairs, load_eval_data
+    from ulma.evaluation.examples import human_pairs, load_eval_data
 
     if not args.data or not args.out:
         raise ValueError("agreement needs --data (with human labels: pairs or scores) and --out FOLDER")
@@ -246,8 +246,8 @@ def cmd_agreement(args) -> int:
 
 def cmd_report(args) -> int:
     from ulma.evaluation.io import EvalError
+    from ulma.atomic import atomic_write_text
     from ulma.evaluation.report import load_result, markdown, plot_bars
-    from ulma.checkpoint import atomic_write_text
 
     criteria = dict(_pair(c) for c in args.criterion)
     results = [load_result(f) for f in args.folders]

@@ -21,10 +21,11 @@ from typing import Callable
 
 import torch
 
+from ulma.atomic import atomic_write_json, atomic_write_jsonl
 from ulma.data.schema import DataError
 from ulma.data.tokenize import Tokenizer, left_pad, stop_tokens
-from ulma.evaluation.io import EvalError, append_jsonl, atomic_write_json, atomic_write_jsonl, read_json, read_jsonl
-from ulma.logprobs import attention_kernels
+from ulma.evaluation.io import EvalError, append_jsonl, read_json, read_jsonl
+from ulma.logprobs import autocast
 
 
 @dataclass
@@ -64,24 +65,36 @@ def cut_at_stop(ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
 
 
 @torch.no_grad()
+def generate_tokens(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, stops, pad_id: int,
+                    sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                    bf16: bool = False) -> torch.Tensor:
+    """The one generation call (evaluation and PPO rollouts): left-padded prompts ``ids`` /
+    ``mask`` [N, P] -> the new tokens [N, R] on the CPU (R <= max_new_tokens), ``pad_id``
+    after a stop token.  Greedy, or sampled with ``sample`` (temperature, top-p, top-k)."""
+    from transformers import GenerationConfig
+
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if sample else {}
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=sorted(stops),
+                           pad_token_id=pad_id, **sampling)
+    dev = next(model.parameters()).device
+    with autocast(dev, bf16):  # also: no cuDNN attention, each new token is a new shape
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen)
+    return out[:, ids.shape[1]:].cpu()
+
+
 def generate_batch(model, tokenizer, prompt_ids: list[list[int]], cfg: GenerateConfig, seed: int | None = None):
     """Generate for a batch of prompt token ids; returns one dict per prompt:
     {text, finish, tokens}: the decoded response, "eos" (a stop token ended it) or
     "length" (max_new_tokens reached), and the response's token ids (without the stop token)."""
-    from transformers import GenerationConfig
-
     stops = stop_ids(model, tokenizer)
     ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
-    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) if cfg.do_sample else {}
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, eos_token_id=sorted(stops),
-                           pad_token_id=tokenizer.pad_token_id, **sampling)
     if cfg.do_sample and seed is not None:
         torch.manual_seed(seed)
-    dev = next(model.parameters()).device
-    with attention_kernels():  # no cuDNN attention: each new token is a new shape
-        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), generation_config=gen)
+    out = generate_tokens(model, ids, mask, max_new_tokens=cfg.max_new_tokens, stops=stops,
+                          pad_id=tokenizer.pad_token_id, sample=cfg.do_sample, temperature=cfg.temperature,
+                          top_p=cfg.top_p, top_k=cfg.top_k)
     results = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out.tolist():
         kept, ended = cut_at_stop(row, stops)
         text = tokenizer.decode(kept, skip_special_tokens=True).strip()
         results.append({"text": text, "finish": "eos" if ended else "length", "tokens": kept})

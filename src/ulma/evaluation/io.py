@@ -1,35 +1,18 @@
-"""Result files: complete or absent (temp file + ``os.replace``), and JSONL read with
-errors that name the file, the line and the field."""
+"""Evaluation's errors, and JSON / JSONL read with errors that name the file, the line and
+the field (atomic writes: :mod:`ulma.atomic`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from ulma.checkpoint import atomic_write_json  # noqa: F401  (re-exported: one atomic JSON writer)
 from ulma.data.schema import DataError
 
 
 class EvalError(RuntimeError):
     """An evaluation cannot go on (a missing model, a judge endpoint that is down, ...);
     the message says what to do.  Finished work is on disk and a rerun resumes."""
-
-
-def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write ``rows`` as JSONL: the file is replaced whole or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def append_jsonl(path: Path, rows: list[dict]) -> None:

@@ -1,4 +1,6 @@
-"""Judges behind one interface: ``judge(comparisons) -> judgments``.
+"""Judges behind one interface, ``judge(comparisons) -> judgments``, and judging files with
+them: a model's generations against their references (:func:`judge_generations`), the
+judge against human labels (:func:`judge_agreement`).
 
 A :class:`Comparison` holds a prompt, the model's answer and the reference answer; a
 :class:`Judgment` gives, per criterion, the model's outcome against the reference:
@@ -11,7 +13,7 @@ A :class:`Comparison` holds a prompt, the model's answer and the reference answe
 - :class:`RewardModelJudge`: a scalar reward model; the higher reward wins.
 
 The two prompt judges ask each comparison in both orders (model first, then reference
-first) and count a disagreement as a tie (:func:`ulma.evaluation.prompts.combine`), and
+first) and count a disagreement as a tie (:func:`ulma.evaluation.judge_prompt.combine`), and
 keep every answer in an on-disk SQLite cache keyed by (judge, prompt): a stopped run
 resumes without asking (or paying) twice.
 """
@@ -26,9 +28,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ulma.atomic import atomic_write_json, atomic_write_jsonl
 from ulma.evaluation.config import CRITERIA, JudgeConfig
 from ulma.evaluation.io import EvalError
-from ulma.evaluation.prompts import combine, outcome, parse_verdicts, render_judge_prompt
+from ulma.evaluation.judge_prompt import combine, outcome, parse_verdicts, render_judge_prompt
+from ulma.evaluation.winrates import rate_intervals, rates, summarize
 
 
 @dataclass
@@ -244,12 +248,12 @@ class RewardModelJudge:
     ``method.name=reward`` saves it): the model's answer wins when r(model) - r(reference)
     > tie_margin, loses when it is < -tie_margin, ties otherwise.  It judges one criterion.
 
-    Scoring is :class:`ulma.rlhf.reward.RewardScorer`'s: the reward model's own tokenizer
+    Scoring is :class:`ulma.scoring.RewardScorer`'s: the reward model's own tokenizer
     and chat template, padded batches, the checkpoint's head at the last non-padding token.
     """
 
     def __init__(self, cfg):
-        from ulma.rlhf.reward import RewardScorer
+        from ulma.scoring import RewardScorer
 
         self.cfg = cfg
         self.scorer = RewardScorer(cfg.model, max_length=cfg.max_length, batch_size=cfg.batch_size,
@@ -287,3 +291,62 @@ def build_judge(cfg: JudgeConfig, cache_path: Path | None):
     if cfg.kind == "api":
         return ApiJudge(cfg.api, cache, cfg.both_orders)
     return LocalJudge(cfg.local, cache, cfg.both_orders)
+
+
+# ------------------------------------------------------------------ judging files
+
+
+def judge_generations(judge, generations: Path, out_dir: Path, stats, on_error: str = "raise",
+                      progress: bool = True) -> dict:
+    """Judge every row of a generations file; writes ``judgments.jsonl`` and
+    ``judge_summary.json`` in ``out_dir`` and returns the summary."""
+    from ulma.evaluation.generate import read_generations  # on use: API judges need no torch
+
+    rows, meta, skipped = read_generations(generations, on_error)
+    if not rows:
+        raise ValueError(f"{generations}: no rows to judge")
+    items = [Comparison(r["prompt"], r["response"], r["reference"]) for r in rows]
+    judgments = judge.judge(items, progress)
+    out_dir = Path(out_dir)
+    atomic_write_jsonl(out_dir / "judgments.jsonl",
+                       [{"id": r["id"], "line": r["line"], **j.to_json()} for r, j in zip(rows, judgments)])
+    summary = {
+        **{k: meta.get(k) for k in ("model", "run", "method", "dataset", "seed")},
+        "generations": str(generations),
+        "judge": {"id": judge.id, **judge.stats},
+        "rows": len(rows),
+        "rows_skipped": [str(e) for e in skipped],
+        "confidence": stats.confidence,
+        "criteria": summarize(judgments, stats.confidence, stats.bootstrap_samples, stats.seed),
+    }
+    atomic_write_json(out_dir / "judge_summary.json", summary)
+    return summary
+
+
+def judge_agreement(judge, pairs: list, criterion: str, out_dir: Path, stats, dataset: str,
+                    progress: bool = True) -> dict:
+    """How often the judge orders human-ordered pairs as the humans did.
+
+    Each pair is judged as (better, worse): 'win' = the judge agrees, 'lose' = it
+    disagrees, 'tie' = it calls them equal.  Writes ``agreement.jsonl`` and
+    ``agreement.json`` in ``out_dir``.
+    """
+    if not pairs:
+        raise ValueError(f"{dataset}: no human-ordered pairs (pairs, or responses of one prompt with different scores)")
+    judgments = judge.judge([Comparison(p.prompt, p.chosen, p.rejected) for p in pairs], progress)
+    outcomes = [j.verdicts.get(criterion) for j in judgments]
+    r, ci = rates(outcomes), rate_intervals(outcomes, stats.confidence, stats.bootstrap_samples, stats.seed)
+    decided = r["n"] * (r["win"] + r["lose"]) if r["n"] else 0
+    summary = {
+        "dataset": dataset, "criterion": criterion, "judge": {"id": judge.id, **judge.stats},
+        "pairs": len(pairs), "judged": r["n"], "unparseable": r["unparseable"],
+        "agree": r["win"], "tie": r["tie"], "disagree": r["lose"],
+        "agree_when_decided": (r["n"] * r["win"] / decided) if decided else float("nan"),
+        "confidence": stats.confidence, "ci": {"agree": ci["win"], "tie": ci["tie"], "disagree": ci["lose"]},
+    }
+    out_dir = Path(out_dir)
+    rows = [{"origin": p.origin, "human": "first", "judge": o, **j.to_json()}
+            for p, o, j in zip(pairs, outcomes, judgments)]
+    atomic_write_jsonl(out_dir / "agreement.jsonl", rows)
+    atomic_write_json(out_dir / "agreement.json", summary)
+    return summary

@@ -75,11 +75,6 @@ def _longest_first(table, rows: list[int], by_prompt: bool) -> list[int]:
     return [r for _, _, _, r in sorted((-width[g], g, -len(seqs[r].input_ids), r) for r, g in zip(rows, of))]
 
 
-def precompute_reference(ref_model, table, pad_id: int, batch_size: int, bf16: bool, progress: bool = True) -> dict:
-    """Reference log-probs of every row, computed once (no reference forward in the step)."""
-    return table_logps(ref_model, table, pad_id, batch_size, bf16, desc="reference log-probs", progress=progress)
-
-
 def perplexity(logps: dict, rows: list[int]) -> tuple[float, int]:
     """exp(mean NLL per response token) over ``rows``; returns (perplexity, token count)."""
     if not rows:

@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+from ulma.atomic import atomic_write_json, atomic_write_jsonl
 from ulma.data.tokenize import Tokenizer, build_units
 from ulma.evaluation.metrics import perplexity, table_logps
 
@@ -61,7 +62,6 @@ def write_perplexity(model, tokenizer, demos: list, out: Path, *, meta: dict, ab
     """Score ``demos`` and write ``out/perplexity.json`` (with a bootstrap interval and the
     run's method / data set / seed in ``meta``) and ``out/logps.jsonl``; returns the summary.
     What ``ulma eval perplexity`` and ``ulma reproduce`` write."""
-    from ulma.evaluation.io import atomic_write_json, atomic_write_jsonl
     from ulma.evaluation.winrates import perplexity_interval
 
     t0 = time.perf_counter()

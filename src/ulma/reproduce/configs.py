@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from ulma import checkpoint as ckpt
+from ulma.atomic import atomic_write_text
 from ulma.config import Config, SourceConfig, to_dict
 from ulma.methods import METHODS
 from ulma.reproduce.context import Context
@@ -119,7 +120,7 @@ def train_in(ctx: Context, cfg: Config, folder: Path, launch=None) -> float:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg.train.resume = resume
-    ckpt.atomic_write_text(saved, yaml.safe_dump(fingerprint(cfg), sort_keys=False))
+    atomic_write_text(saved, yaml.safe_dump(fingerprint(cfg), sort_keys=False))
     t0 = time.perf_counter()
     (launch or _train_here)(cfg, saved)
     return time.perf_counter() - t0

@@ -65,7 +65,7 @@ class Context:
 
     def test_data(self, ds):
         """The test split as evaluation data (cached: every cell of a data set reads it)."""
-        from ulma.evaluation.testdata import EvalData
+        from ulma.evaluation.examples import EvalData
 
         if ds.name not in self._tests:
             path = self.data_dir(ds) / "test.jsonl"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ulma import checkpoint as ckpt
+from ulma.atomic import atomic_write_json
 from ulma.config import Config
 from ulma.evaluation.io import read_json
 from ulma.evaluation.report import default_criterion
@@ -69,7 +69,7 @@ class Job:
 
     def finish(self, **info) -> None:
         settings = self.ctx.relative(self.settings())
-        ckpt.atomic_write_json(self.folder / MARKER, {"settings": settings, "finished": time.time(), **info})
+        atomic_write_json(self.folder / MARKER, {"settings": settings, "finished": time.time(), **info})
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -138,8 +138,8 @@ class JudgeJob(Job):
                 f"max_length {c.data.max_length}; then its agreement with the test split's human pairs")
 
     def run(self) -> str:
-        from ulma.evaluation.judging import judge_agreement
-        from ulma.evaluation.testdata import human_pairs
+        from ulma.evaluation.judges import judge_agreement
+        from ulma.evaluation.examples import human_pairs
 
         self.ctx.free_accelerator()
         seconds = train_in(self.ctx, self.config(), self.folder) if self.ctx.judge.kind == "reward" else 0.0
@@ -281,7 +281,7 @@ class CellJob(Job):
         from ulma.evaluation.generate import GenerateConfig, generate_file
         from ulma.evaluation.loading import load_model, resolve_model, run_meta
         from ulma.evaluation.perplexity import write_perplexity
-        from ulma.evaluation.testdata import positives, references
+        from ulma.evaluation.examples import positives, references
 
         ev, ctx, e, seed = self.folder / "eval", self.ctx, self.ctx.scale.eval, self.ctx.scale.split.seed
         if (ev / "perplexity.json").exists() and (ev / "generations.jsonl").exists():
@@ -304,7 +304,7 @@ class CellJob(Job):
         return times
 
     def _judge(self) -> tuple[float, dict]:
-        from ulma.evaluation.judging import judge_generations
+        from ulma.evaluation.judges import judge_generations
 
         ev, judge = self.folder / "eval", self.ctx.judge_for(self.ds)
         path = ev / "judge_summary.json"

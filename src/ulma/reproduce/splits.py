@@ -17,11 +17,11 @@ import json
 import random
 from pathlib import Path
 
-from ulma.checkpoint import atomic_write_json
+from ulma.atomic import atomic_write_json, atomic_write_jsonl
 from ulma.config import ConfigError
 from ulma.data.schema import as_kind, pointwise_to_pairs, positive_threshold
 from ulma.data.sources import load_source, prompt_key, split_by_prompt
-from ulma.evaluation.io import atomic_write_jsonl, read_json
+from ulma.evaluation.io import read_json
 
 PARTS = ("train", "test", "judge")
 

@@ -14,7 +14,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ulma.checkpoint import atomic_write_json, atomic_write_text
+from ulma.atomic import atomic_write_json, atomic_write_text
 from ulma.evaluation.io import EvalError, read_json
 from ulma.evaluation.report import TableLayout, default_criterion, load_result, markdown, plot_bars
 from ulma.reproduce.claims import judge_better_than_chance, judge_claims

@@ -4,7 +4,7 @@
   the pieces of PPO on the KL-regularised objective (Eq. 3): per-token KL, shaped
   rewards, GAE, whitening, clipped policy and value losses, entropy.
 - :mod:`ulma.rlhf.reward`  ``method: reward`` -- trains a scalar reward model and saves it
-  as an ``AutoModelForSequenceClassification`` folder; :class:`~ulma.rlhf.reward.RewardScorer`
+  as an ``AutoModelForSequenceClassification`` folder; :class:`~ulma.scoring.RewardScorer`
   scores (prompt, response) *text* with the reward model's own tokenizer.
 - :mod:`ulma.rlhf.ppo`     ``method: rlhf`` -- PPO with LoRA, a value head and a KL
   penalty to the reference (the base with adapters disabled).

@@ -36,7 +36,8 @@ def cmd_reward_eval(args) -> int:
     from ulma.data.tokenize import Tokenizer
     from ulma.inspect_data import guess_format
     from ulma.methods import Method
-    from ulma.rlhf.reward import RewardScorer, evaluate_scores, labelled_rows, table_scores
+    from ulma.rlhf.reward import evaluate_scores, labelled_rows
+    from ulma.scoring import RewardScorer, table_scores
 
     name, path = (args.format, args.source) if args.format else guess_format(args.source)
     loaded = load_source(name, None if args.source == args.format else path, on_error=args.on_error,

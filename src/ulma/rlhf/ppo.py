@@ -4,7 +4,7 @@ One step:
 
 1. sample ``ppo.rollout_batch`` prompts (cut from the left to ``data.max_length -
    ppo.max_new_tokens`` tokens, counted) and generate a response to each from the policy;
-2. score the response *text* with the reward (a :class:`~ulma.rlhf.reward.RewardScorer`
+2. score the response *text* with the reward (a :class:`~ulma.scoring.RewardScorer`
    on ``ppo.reward_model``, which re-tokenises it, or any Python callable);
 3. with the rollout's policy log-probs, reference log-probs (LoRA: the base with the
    adapters disabled) and values, build per-token rewards ``-beta * KL_t`` plus the score
@@ -23,9 +23,7 @@ and ``token_ids`` the response token ids before the first EOS.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,13 +31,15 @@ from typing import Callable, Optional
 import torch
 
 from ulma import checkpoint as ckpt
+from ulma.atomic import atomic_write_json
 from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split
 from ulma.data.tokenize import Tokenizer, fit, left_pad, stop_tokens
+from ulma.evaluation.generate import generate_tokens
 from ulma.logprobs import autocast, token_logps, use_bf16
+from ulma.loop import Loop, make_optimizer, non_finite, pick_device, set_seed, step_plan, total_steps
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 from ulma.rlhf import losses as RL
-from ulma.rlhf.run import MetricsLog, StepRows, make_optimizer, non_finite, pick_device, set_seed
 from ulma.rlhf.value_head import PolicyWithValueHead, ValueHead, load_value_head
 
 RewardFn = Callable[[list, list, list], torch.Tensor]
@@ -75,22 +75,6 @@ def response_mask(response: torch.Tensor, stop_ids) -> torch.Tensor:
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding (what ``generate`` uses), ``[N, T]``."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def generate(policy, ids: torch.Tensor, attn: torch.Tensor, ppo_cfg, tokenizer, bf16: bool) -> torch.Tensor:
-    """Sample one response per prompt: ``[N, R]`` token ids (R <= max_new_tokens), EOS-padded."""
-    from transformers import GenerationConfig
-
-    gen = GenerationConfig(
-        do_sample=True, temperature=ppo_cfg.temperature, top_p=ppo_cfg.top_p, top_k=0,
-        max_new_tokens=ppo_cfg.max_new_tokens, eos_token_id=sorted(stop_tokens(tokenizer)),
-        pad_token_id=tokenizer.pad_token_id, use_cache=True,
-    )
-    device = next(policy.parameters()).device
-    with autocast(device, bf16):
-        out = policy.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gen)
-    return out[:, ids.shape[1] :].cpu()
 
 
 def policy_forward(model, value_head: Optional[ValueHead], input_ids, attention_mask, mask, temperature: float,
@@ -151,8 +135,10 @@ class Rollout:
 def sample(policy, tokenizer, prompts: list, prompt_ids: list, ppo_cfg, bf16: bool) -> Rollout:
     """Generate a response to each prompt; decode it for the reward."""
     ids, attn = left_pad(prompt_ids, tokenizer.pad_token_id)
-    response = generate(policy, ids, attn, ppo_cfg, tokenizer, bf16)
     stops = stop_tokens(tokenizer)
+    response = generate_tokens(policy, ids, attn, max_new_tokens=ppo_cfg.max_new_tokens, stops=stops,
+                               pad_id=tokenizer.pad_token_id, sample=True, temperature=ppo_cfg.temperature,
+                               top_p=ppo_cfg.top_p, bf16=bf16)
     mask = response_mask(response, stops)
     content = [row[m & ~torch.isin(row, torch.tensor(sorted(stops)))].tolist() for row, m in zip(response, mask)]
     texts = tokenizer.batch_decode(content, skip_special_tokens=True)
@@ -209,12 +195,15 @@ def advantages(ro: Rollout, ppo_cfg, beta: float) -> None:
 # ------------------------------------------------------------------ the trainer
 
 
-class PPOTrainer:
-    """PPO with LoRA (or full fine-tuning), a value head and a KL penalty to the reference.
+class PPOTrainer(Loop):
+    """PPO with LoRA (or full fine-tuning), a value head and a KL penalty to the reference
+    (the loop itself: :class:`ulma.loop.Loop`; one step = one rollout batch).
 
     ``reward``: a callable ``(prompts, texts, token_ids) -> Tensor [N]``; None loads a
-    :class:`~ulma.rlhf.reward.RewardScorer` from ``ppo.reward_model``.
+    :class:`~ulma.scoring.RewardScorer` from ``ppo.reward_model``.
     """
+
+    desc = "ppo"
 
     def __init__(self, cfg: Config, reward: Optional[RewardFn] = None):
         validate(cfg)
@@ -236,12 +225,11 @@ class PPOTrainer:
         self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device)
         self.reference = Reference(self.policy, keep_copy=not is_peft(self.policy), frozen_dtype=frozen)
         self.reward = reward if reward is not None else self._reward_model()
-        self.total_steps = self._total_steps()
+        self.total_steps = total_steps(cfg.train, len(self.prompts) / p.rollout_batch)
         updates = self.total_steps * p.ppo_epochs * math.ceil(p.rollout_batch / p.mini_batch_size)
         self.params = trainable_parameters(self.policy) + list(self.value_head.parameters())
         self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, updates)
-        self.plan = self._plan()
-        self.log = MetricsLog(self.out, cfg.train.report_to, to_dict(cfg))
+        self.plan = step_plan(self.prompts, self.total_steps, p.rollout_batch, 1, cfg.train.seed, False)
 
     def _prepare_prompts(self) -> None:
         cfg = self.cfg
@@ -259,26 +247,11 @@ class PPOTrainer:
                        "skipped_rows": len(skipped), "skipped_first": [str(e) for e in skipped[:5]]}
 
     def _reward_model(self) -> RewardFn:
-        from ulma.rlhf.reward import RewardScorer
+        from ulma.scoring import RewardScorer
 
         p = self.cfg.ppo
         return RewardScorer(p.reward_model, self.device, p.reward_max_length, self.cfg.train.micro_batch_size, self.bf16,
                             bf16_weights=self.cfg.train.bf16_frozen_weights)
-
-    def _total_steps(self) -> int:
-        t = self.cfg.train
-        if t.max_steps:
-            return t.max_steps
-        return max(1, math.ceil(t.epochs * len(self.prompts) / self.cfg.ppo.rollout_batch))
-
-    def _plan(self) -> list[list[int]]:
-        from ulma.trainer import epoch_plan
-
-        plan, epoch = [], 0
-        while len(plan) < self.total_steps:
-            plan += epoch_plan(self.prompts, self.cfg.ppo.rollout_batch, 1, self.cfg.train.seed, epoch, False)
-            epoch += 1
-        return plan[: self.total_steps]
 
     # ------------------------------------------------------------------ one step
     def rollout(self, idx: list[int], prompts: list, prompt_ids: list) -> Rollout:
@@ -293,7 +266,8 @@ class PPOTrainer:
         idx = self.plan[step]
         ro = self.rollout(idx, self.prompts, self.prompt_ids)
         stats = self.update(ro)
-        return {**ro.stats, **stats, "prompts_truncated": sum(self.prompt_cut[i] for i in idx)}
+        return {**ro.stats, **stats, "prompts_truncated": sum(self.prompt_cut[i] for i in idx),
+                "skipped": stats["skipped_updates"] > 0}
 
     def update(self, ro: Rollout) -> dict:
         """``ppo_epochs`` passes over the rollouts, one optimizer update per mini-batch."""
@@ -349,38 +323,12 @@ class PPOTrainer:
             sums["approx_kl"] += float((0.5 * (logps.detach() - old_logps) ** 2 * m).sum())
         return sums
 
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> dict:
-        from tqdm.auto import tqdm
-
-        t = self.cfg.train
-        start, results = self._maybe_resume()
-        if start == 0:
-            results["before"] = self._evaluate(0)
-        bad = 0
-        rows = StepRows(t.log_every, t.save_every, self.total_steps)  # train.log_every
-        bar = tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="ppo",
-                   disable=not t.progress, dynamic_ncols=True)
-        for step in bar:
-            t0 = time.perf_counter()
-            row = self.train_step(step)
-            bad = bad + 1 if row["skipped_updates"] else 0
-            if bad >= t.max_bad_steps:
-                raise RuntimeError(f"step {step + 1}: non-finite losses or gradients {bad} steps in a row; stopping")
-            done = step + 1
-            row = {**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)}
-            if (out := rows.add(row)) is not None:
-                self.log.write(out)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
-            if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
-                self._evaluate(done)
-            if t.save_every and done % t.save_every == 0 and done < self.total_steps:
-                self._save_checkpoint(done, results)
-        results["after"] = self._evaluate(self.total_steps)
-        return self._finish(results)
+    # ------------------------------------------------------------------ the loop (ulma.loop.Loop)
+    def postfix(self, row: dict) -> dict:
+        return {"reward": f"{row['reward']:.3f}", "kl": f"{row['kl']:.3f}"}
 
     @torch.no_grad()
-    def _evaluate(self, step: int) -> dict:
+    def evaluate(self, step: int) -> dict:
         """Mean reward and KL of responses sampled for the held-out prompts, with a fixed
         seed (the same sampling noise at every evaluation; the training stream is untouched)."""
         if not self.eval_prompts:
@@ -390,7 +338,7 @@ class PPOTrainer:
             ro = self.rollout(list(range(len(self.eval_prompts))), self.eval_prompts, self.eval_prompt_ids)
         metrics = {k: ro.stats[k] for k in ("reward", "kl", "reward_total", "entropy", "response_length")}
         metrics["prompts"] = len(ro)
-        self.log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         metrics["samples"] = [{"prompt": ro.prompts[i][-1]["content"], "response": ro.texts[i],
                                "reward": float(ro.scores[i])} for i in range(min(3, len(ro)))]
         return metrics
@@ -398,32 +346,21 @@ class PPOTrainer:
     def _model_to_save(self) -> PolicyWithValueHead:
         return PolicyWithValueHead(self.policy, self.value_head)
 
-    def _save_checkpoint(self, step: int, results: dict) -> None:
+    def save(self, step: int, results: dict) -> None:
         ckpt.save_checkpoint(self.out, step, self._model_to_save(), self.tokenizer, self.optimizer, self.scheduler,
                              {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
 
-    def _maybe_resume(self) -> tuple[int, dict]:
-        found = ckpt.latest_checkpoint(self.out) if self.cfg.train.resume else None
-        if found is None:
-            self.log.truncate(0)
-            return 0, {}
+    def load(self, found: Path) -> dict:
         ckpt.load_weights(self.policy, found / "model")
         load_value_head(self.value_head, found / "model")
-        state = torch.load(found / "trainer.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        meta = json.loads((found / "state.json").read_text())
-        self.log.truncate(meta["step"])
-        return meta["step"], meta.get("results", {})
+        return ckpt.load_trainer_state(found, self.optimizer, self.scheduler)
 
-    def _finish(self, results: dict) -> dict:
+    def finish(self, results: dict) -> dict:
         truncated = getattr(self.reward, "prompts_truncated", None)
         results.update(method="rlhf", beta=self.beta, config=to_dict(self.cfg), steps=self.total_steps,
                        data={**self.report, "reward_prompts_truncated": truncated})
         ckpt.atomic_save_model(self.out / "final", self._model_to_save(), self.tokenizer)
-        ckpt.atomic_write_json(self.out / "results.json", results)
-        self.log.close()
+        atomic_write_json(self.out / "results.json", results)
         return results
 
 

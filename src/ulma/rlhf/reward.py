@@ -8,33 +8,32 @@ sequence-classification folder (LoRA merged into the base, ``pad_token_id`` set,
 tokenizer and its chat template beside it)::
 
     AutoModelForSequenceClassification.from_pretrained("runs/reward/final")
-    RewardScorer("runs/reward/final").score(prompts, responses)   # -> Tensor [N]
-
-:class:`RewardScorer` takes *text* and re-tokenises it with the reward model's own
-tokenizer and chat template, so a reward model may have another tokenizer than the policy.
+    RewardScorer("runs/reward/final").score(prompts, responses)   # -> Tensor [N] (ulma.scoring)
 """
 
 from __future__ import annotations
 
 import math
-import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from ulma import checkpoint as ckpt
+from ulma.atomic import atomic_write_json
 from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split, prepare
-from ulma.data.schema import as_kind, make_prompt, pointwise_to_pairs, user_prompt
-from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate, pad_rows
+from ulma.data.schema import as_kind, pointwise_to_pairs
+from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate
 from ulma.evaluation.metrics import label_accuracy, reward_accuracy
-from ulma.logprobs import autocast, use_bf16
+from ulma.logprobs import use_bf16
+from ulma.loop import Loop, make_optimizer, my_share, non_finite, set_seed, step_plan, total_steps
 from ulma.losses import weighted
 from ulma.methods import Method
-from ulma.models import add_lora, is_peft, load_tokenizer, place, resolve_model_path, trainable_parameters
+from ulma.models import add_lora, is_peft, load_tokenizer, resolve_model_path, trainable_parameters
 from ulma.rlhf import losses as RL
 from ulma.rlhf.metrics import calibration, pearson, spearman
-from ulma.rlhf.run import MetricsLog, StepRows, make_optimizer, non_finite, pick_device, set_seed
+from ulma.scoring import forward_scores, table_scores
 
 LOSSES = ("bradley_terry", "bce", "mse")
 
@@ -85,30 +84,6 @@ def load_reward_model(model_cfg, tokenizer, device: torch.device):
     if model_cfg.lora.enabled:
         model = add_lora(model, model_cfg.lora, task_type="SEQ_CLS")
     return model.to(device)
-
-
-def forward_scores(model, batch: dict, bf16: bool) -> torch.Tensor:
-    """r(x, y) for every row of a padded batch: ``[N]`` float32."""
-    device = next(model.parameters()).device
-    with autocast(device, bf16):
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-    return logits[:, 0].float()
-
-
-@torch.no_grad()
-def table_scores(model, table: SequenceTable, pad_id: int, batch_size: int, bf16: bool, progress: bool = False):
-    """Scores of every row of a table, ``[len(table)]``, longest rows first (less padding)."""
-    from tqdm.auto import tqdm
-
-    out = torch.zeros(len(table))
-    order = sorted(range(len(table)), key=lambda r: -len(table.sequences[r].input_ids))
-    was_training = model.training
-    model.eval()
-    for s in tqdm(range(0, len(order), batch_size), desc="score", disable=not progress, leave=False):
-        chunk = order[s : s + batch_size]
-        out[chunk] = forward_scores(model, pad_rows(table, chunk, pad_id), bf16).cpu()
-    model.train(was_training)
-    return out
 
 
 def unit_losses(loss: str, scores: torch.Tensor, labels: torch.Tensor, positive: torch.Tensor, binary: bool,
@@ -165,7 +140,7 @@ def labelled_rows(examples: list, tokenizer, max_length: int, table: SequenceTab
     return [(tok.add(table, e.prompt, e.response), e.label, e.binary) for e in as_kind(examples, "pointwise")]
 
 
-# ------------------------------------------------------------------ saving and scoring
+# ------------------------------------------------------------------ saving
 
 
 def save_reward_model(model, tokenizer, folder: Path) -> None:
@@ -177,78 +152,26 @@ def save_reward_model(model, tokenizer, folder: Path) -> None:
     ckpt.atomic_save_model(Path(folder), model, tokenizer)
 
 
-def _as_prompt(prompt):
-    return user_prompt(prompt) if isinstance(prompt, str) else make_prompt(prompt)
-
-
-class RewardScorer:
-    """Scores (prompt, response) text with a saved reward model: ``score(...) -> Tensor [N]``.
-
-    The text is rendered with the reward model's OWN tokenizer and chat template (prompt
-    cut from the left to ``max_length`` and counted in ``prompts_truncated``), so the
-    policy's tokenizer may differ.  A prompt is a string (one user turn) or chat turns.
-    With ``bf16`` (autocast) and ``bf16_weights`` its Linear weights are stored in bf16:
-    the same products at half the memory (it is frozen).
-    """
-
-    def __init__(self, folder: str | Path, device: torch.device | None = None, max_length: int = 512,
-                 batch_size: int = 8, bf16: bool = False, bf16_weights: bool = True):
-        from transformers import AutoModelForSequenceClassification
-
-        folder = Path(folder)
-        check_reward_folder(folder)
-        self.device = device or pick_device()
-        self.tokenizer = load_tokenizer(str(folder))
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
-        # every forward runs under bf16 autocast: the same products from bf16 weights
-        frozen = torch.bfloat16 if bf16 and bf16_weights else None
-        self.model = place(model.requires_grad_(False), self.device, frozen)
-        if self.model.config.num_labels != 1:
-            raise ValueError(f"reward model {folder}: num_labels={self.model.config.num_labels}, expected 1 (a scalar)")
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.encoder = Tokenizer(self.tokenizer, max_length)
-        self.batch_size, self.bf16 = batch_size, bf16
-        self.prompts_truncated = 0
-
-    def score(self, prompts: list, responses: list[str]) -> torch.Tensor:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        table = SequenceTable()
-        rows = [self.encoder.add(table, _as_prompt(p), r) for p, r in zip(prompts, responses)]
-        self.prompts_truncated += table.prompt_truncated
-        scores = table_scores(self.model, table, self.model.config.pad_token_id, self.batch_size, self.bf16)
-        return scores[rows]
-
-    def __call__(self, prompts: list, responses: list[str], token_ids=None) -> torch.Tensor:
-        """The PPO reward interface: ``(prompts, response texts, response token ids) -> [N]``."""
-        return self.score(prompts, responses)
-
-
-def check_reward_folder(folder: Path) -> None:
-    """Fail early, naming the folder, when it cannot be a saved reward model."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"reward model folder {folder} does not exist (train one with method.name=reward)")
-    if not (folder / "config.json").exists():
-        hint = " (it holds a LoRA adapter: merge it, as method.name=reward does)" if (folder / "adapter_config.json").exists() else ""
-        raise ValueError(f"reward model folder {folder} has no config.json{hint}")
-    if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        raise ValueError(f"reward model folder {folder} has no tokenizer: it must score text with its own tokenizer; "
-                         "save the tokenizer beside the model")
-
-
 # ------------------------------------------------------------------ the loop
 
 
-class RewardTrainer:
-    """Fits r_phi on the training split; evaluates on the held-out split before and after."""
+class RewardTrainer(Loop):
+    """Fits r_phi on the training split; evaluates on the held-out split before and after
+    (the loop itself: :class:`ulma.loop.Loop`).  Data-parallel over the processes of an
+    ``accelerate`` / ``torchrun`` launch (DDP): each takes its slice of every global
+    micro-batch of ``micro_batch_size x processes`` units, as the policy loop does."""
+
+    desc = "reward"
 
     def __init__(self, cfg: Config):
         validate(cfg)
         self.cfg = cfg
-        self.device = pick_device()
+        self.acc = _accelerator()
+        self.device = self.acc.device
         self.out = Path(cfg.train.output_dir)
-        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite,
+                            delete=self.acc.is_main_process)
+        self.acc.wait_for_everyone()
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.pad_id = self.tokenizer.pad_token_id
@@ -259,10 +182,21 @@ class RewardTrainer:
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with LoRA's frozen inputs
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.bf16 = use_bf16(cfg.train.bf16, self.device)
-        self.total_steps = self._total_steps()
-        self.optimizer, self.scheduler = make_optimizer(trainable_parameters(self.model), cfg.train, self.total_steps)
-        self.plan = self._plan()
-        self.log = MetricsLog(self.out, cfg.train.report_to, to_dict(cfg))
+        t, world = cfg.train, self.acc.num_processes
+        self.total_steps = total_steps(t, math.ceil(len(self.data.train) / (t.micro_batch_size * world)), t.grad_accum)
+        optimizer, self.scheduler = make_optimizer(trainable_parameters(self.model), t, self.total_steps)
+        self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
+        self.plan = step_plan(self.data.train, self.total_steps * t.grad_accum, t.micro_batch_size, world, t.seed,
+                              t.group_by_length)
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def inner(self):
+        """The model itself, without DDP's wrapper (forwards without collectives, saving)."""
+        return self.acc.unwrap_model(self.model)
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
@@ -277,41 +211,29 @@ class RewardTrainer:
         self.labelled = labelled_rows(eval_ex, self.tokenizer, cfg.data.max_length, self.data.eval.table)
         self.data.report.update(loss=self.loss, eval_labelled=len(self.labelled))
 
-    def _total_steps(self) -> int:
-        t = self.cfg.train
-        if t.max_steps:
-            return t.max_steps
-        return max(1, math.ceil(t.epochs * math.ceil(len(self.data.train) / t.micro_batch_size) / t.grad_accum))
-
-    def _plan(self) -> list[list[int]]:
-        from ulma.trainer import epoch_plan
-
-        t = self.cfg.train
-        needed, plan, epoch = self.total_steps * t.grad_accum, [], 0
-        while len(plan) < needed:
-            plan += epoch_plan(self.data.train, t.micro_batch_size, 1, t.seed, epoch, t.group_by_length)
-            epoch += 1
-        return plan[:needed]
-
     def train_step(self, step: int) -> dict:
-        """One optimizer step: the mean unit loss over the step's micro-batches (weighted by
-        the units' weights: sum w*l / sum w)."""
-        t = self.cfg.train
+        """One optimizer step: the mean unit loss over the step's global micro-batches (weighted
+        by the units' weights: sum w*l / sum w)."""
+        t, world = self.cfg.train, self.acc.num_processes
         micro = self.plan[step * t.grad_accum : (step + 1) * t.grad_accum]
-        n_units = sum(self.data.train.group_weights([i for mb in micro for i in mb]))
-        total, correct, pairs = 0.0, 0, 0
-        for mb in micro:
-            batch = collate(self.data.train, mb, self.pad_id)
+        n_units = sum(self.data.train.group_weights([i for mb in micro for i in mb])) or 1.0  # all weights 0: loss 0
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct pairs, pairs
+        for k, mb in enumerate(micro):
+            mine, share = my_share(mb, self.acc.process_index, world)
+            batch = collate(self.data.train, mine, self.pad_id)
             scores = forward_scores(self.model, batch, self.bf16)
             losses = unit_losses(self.loss, scores, batch["labels"], batch["positive"], self.data.train.binary,
                                  self.cfg.method)
-            losses = weighted(losses, batch["weight"])
-            (losses.sum() / (n_units or 1.0)).backward()  # every weight 0: a zero loss
-            total += losses.sum().item() / (n_units or 1.0)
+            losses = weighted(losses, batch["weight"].to(losses.device)) * share
+            # DDP averages gradients over processes; the loss is already a global mean
+            with self.acc.no_sync(self.model) if k < len(micro) - 1 else nullcontext():
+                self.acc.backward(losses.sum() / n_units * world)
+            sums[0] += losses.sum().detach() / n_units
             if self.loss == "bradley_terry":
-                correct += int((scores[: len(mb)] > scores[len(mb) :]).sum())
-                pairs += len(mb)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), t.max_grad_norm or math.inf)
+                sums[1] += (scores[: len(mine)] > scores[len(mine) :]).sum() * share
+                sums[2] += len(mine) * share
+        total, correct, pairs = (self.acc.reduce(sums, "sum") if world > 1 else sums).tolist()
+        grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm or math.inf)
         skipped = non_finite(total, grad_norm)
         if not skipped:
             self.optimizer.step()
@@ -322,59 +244,51 @@ class RewardTrainer:
             row["train_pair_accuracy"] = correct / pairs
         return row
 
-    def run(self) -> dict:
-        from tqdm.auto import tqdm
-
-        t = self.cfg.train
-        start, results = self._maybe_resume()
-        if start == 0:
-            results["before"] = self._evaluate(0)
+    def train_mode(self) -> None:
         self.model.train()
-        bad = 0
-        rows = StepRows(t.log_every, t.save_every, self.total_steps)  # train.log_every
-        for step in tqdm(range(start, self.total_steps), initial=start, total=self.total_steps, desc="reward",
-                         disable=not t.progress, dynamic_ncols=True):
-            t0 = time.perf_counter()
-            row = self.train_step(step)
-            bad = bad + 1 if row["skipped"] else 0
-            if bad >= t.max_bad_steps:
-                raise RuntimeError(f"step {step + 1}: loss or gradients non-finite {bad} steps in a row; stopping")
-            done = step + 1
-            row = {**row, "step": done, "seconds": round(time.perf_counter() - t0, 3)}
-            if (out := rows.add(row)) is not None:
-                self.log.write(out)
-            if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
-                self._evaluate(done)
-            if t.save_every and done % t.save_every == 0 and done < self.total_steps:
-                ckpt.save_checkpoint(self.out, done, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                                     {"step": done, "results": results}, keep=t.keep_checkpoints)
-        results["after"] = self._evaluate(self.total_steps)
-        return self._finish(results)
 
-    def _evaluate(self, step: int) -> dict:
-        scores = table_scores(self.model, self.data.eval.table, self.pad_id, self.cfg.train.micro_batch_size,
+    def postfix(self, row: dict) -> dict:
+        return {}
+
+    def evaluate(self, step: int) -> dict:
+        scores = table_scores(self.inner, self.data.eval.table, self.pad_id, self.cfg.train.micro_batch_size,
                               self.bf16, self.cfg.train.progress)
         metrics = evaluate_scores(scores, self.data.eval, self.labelled, self.loss, self.cfg.method,
                                   self.cfg.reward.calibration_bins)
-        self.log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
 
-    def _maybe_resume(self) -> tuple[int, dict]:
-        found = ckpt.latest_checkpoint(self.out) if self.cfg.train.resume else None
-        if found is None:
-            self.log.truncate(0)
-            return 0, {}
-        state = ckpt.load_checkpoint(found, self.model, self.optimizer, self.scheduler)
-        self.log.truncate(state["step"])
-        return state["step"], state.get("results", {})
+    def save(self, step: int, results: dict) -> None:
+        if self.is_main:
+            ckpt.save_checkpoint(self.out, step, self.inner, self.tokenizer, self.optimizer, self.scheduler,
+                                 {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
 
-    def _finish(self, results: dict) -> dict:
+    def load(self, found: Path) -> dict:
+        return ckpt.load_checkpoint(found, self.inner, self.optimizer, self.scheduler)
+
+    def finish(self, results: dict) -> dict:
         results.update(method="reward", loss=self.loss, config=to_dict(self.cfg), data=self.data.report,
                        steps=self.total_steps)
-        save_reward_model(self.model, self.tokenizer, self.out / "final")
-        ckpt.atomic_write_json(self.out / "results.json", results)
-        self.log.close()
+        results["processes"] = self.acc.num_processes
+        if self.is_main:
+            save_reward_model(self.inner, self.tokenizer, self.out / "final")
+            atomic_write_json(self.out / "results.json", results)
+        self.acc.wait_for_everyone()
         return results
+
+
+def _accelerator():
+    """The run's Accelerator: one process, or plain data parallelism (DDP); a reward model is
+    small beside the policy, so FSDP and DeepSpeed are refused rather than half-supported."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ConfigError(f"method reward: runs in one process or data-parallel (DDP) processes, "
+                          f"not under {acc.distributed_type.value}")
+    return acc
 
 
 def train_reward(cfg: Config) -> dict:
