@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import resource
 import sys
 import threading
 import time
@@ -40,7 +41,9 @@ def sample() -> dict:
             if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 status[k] = int(v.split()[0]) / 1024
     m = _libc.mallinfo2()
-    return {"rss": status["VmRSS"], "hwm": status["VmHWM"], "anon": status["RssAnon"], "file": status["RssFile"],
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds and page faults: the cost of a setting
+    return {"user_s": ru.ru_utime, "system_s": ru.ru_stime, "minflt": ru.ru_minflt,
+            "rss": status["VmRSS"], "hwm": status["VmHWM"], "anon": status["RssAnon"], "file": status["RssFile"],
             "in_use": (m.uordblks + m.hblkhd) / MB, "free": m.fordblks / MB, "heap": (m.arena + m.hblkhd) / MB,
             "mmapped": m.hblkhd / MB}
 

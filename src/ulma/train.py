@@ -26,6 +26,7 @@ from ulma.data.tokenize import collate
 from ulma.evaluation.metrics import evaluate, table_logps
 from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf16
 from ulma.losses import group_mean
+from ulma.memory import release as release_memory
 from ulma.methods import METHODS, LossInputs
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 
@@ -423,6 +424,7 @@ class Trainer:
 
         t = self.cfg.train
         ref_train, ref_eval = self._reference_caches()
+        release_memory()  # the pass's freed batches: not resident through the steps (ulma.memory)
         start, results = self._maybe_resume()
         if start == 0:  # the reference IS the initial policy: its log-probs are the "before" numbers
             results["before"] = self._evaluate(ref_eval, 0, policy_logps=ref_eval)
@@ -448,8 +450,10 @@ class Trainer:
                 self._log(out)
             if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
                 self._evaluate(ref_eval, done)
+                release_memory()
             if (t.save_every and done % t.save_every == 0) or done == self.total_steps:
                 self._save(done, results)
+                release_memory()
         results["after"] = self._evaluate(ref_eval, self.total_steps)
         return self._finish(results)
 
