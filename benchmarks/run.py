@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -27,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+MICRO = 8
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.part.jsonl.gz"
 
 # (ulma workload, baseline workload, what is compared)
@@ -52,6 +54,9 @@ PAIRS = [
     ("forward-ulma-mb32", "forward-plain-mb32", "reference log-probs vs the plain loop, both in batches of 32 rows"),
     ("forward-ulma-mb64", "forward-plain-mb64", "reference log-probs vs the plain loop, both in batches of 64 rows"),
     ("generate-ulma", "generate-plain", "greedy generation, batched vs model.generate per prompt"),
+    # memory over a run's length (once, in the first round: TRL takes ~10 s a step here)
+    ("ulma-ulma-lora-long", "trl-kto-lora-long", "ULMA vs TRL KTOTrainer, LoRA r=8, lr 3e-4, a long run "
+                                                 "(--long-steps; ulma: the whole `ulma train` run)"),
 ]
 
 # (ulma as shipped, ulma with one speed lever off, the lever)
@@ -125,7 +130,7 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "versions": _versions(),
             # settings every workload process inherits that change memory or speed (glibc's allocator, threads)
             "environment": {k: v for k, v in os.environ.items()
-                            if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "OMP_", "MKL_"))}}
+                            if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "OMP_", "MKL_", "ULMA_MALLOC"))}}
 
 
 def _versions() -> dict:
@@ -286,6 +291,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per process and round")
     p.add_argument("--warmup", type=int, default=1, help="steps per process not measured")
     p.add_argument("--pairs", type=int, default=48, help="HH pairs written for the workloads (ulma precomputes the reference for all of them; 48 cover 5 steps of 8)")
+    p.add_argument("--long-steps", type=int, default=150,
+                   help="steps of the long-run pair (*-long), on rows of their own: long_steps x 8 / 0.8")
     p.add_argument("--rows", type=int, default=32, help="rows for forward-only")
     p.add_argument("--prompts", type=int, default=32, help="prompts for generation")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -338,6 +345,9 @@ def main(argv=None) -> int:
             report["data"] = json.loads((args.data / "data.json").read_text())
         else:
             report["data"] = write_data(tmp, args.pairs, 250, args.model)
+        if any(n.endswith("-long") for pr in pairs for n in pr):  # one epoch of ulma's 80% for long_steps
+            (tmp / "long").mkdir()
+            report["long_data"] = write_data(tmp / "long", math.ceil(args.long_steps * MICRO / 0.8 / 2), 250, args.model)
         peak = run_one("matmul-peak", tmp, tmp, 0, args)
         report["matmul_peak_flops"] = peak["flops"]
         for r in range(args.rounds):
@@ -345,11 +355,12 @@ def main(argv=None) -> int:
             done = set()  # a workload in two pairs runs once a round
             for pair in pairs:
                 for name in (pair if r % 2 == 0 else pair[::-1]):
-                    if name in done:
+                    if name in done or (r and name.endswith("-long")):
                         continue
                     done.add(name)
                     steps = args.warmup + args.steps if not name.startswith(("forward", "generate")) else 0
-                    result = run_one(name, tmp, tmp, steps, args)
+                    long = name.endswith("-long")
+                    result = run_one(name, tmp / "long" if long else tmp, tmp, args.long_steps if long else steps, args)
                     runs.setdefault(name, []).extend([result] if result else [])
                     report["results"] = results()
                     save(report, args.out, final=False)

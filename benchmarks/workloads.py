@@ -113,6 +113,30 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
             "precomputed_reference": ref_train is not None, **setup_peak, **steps_peak, **param_counts(trainer.model)}
 
 
+def run_ulma_whole(method: str, lora: bool, data: Path, steps: int, work: Path) -> dict:
+    """A whole run as ``ulma train`` makes it, for memory over a run's length: the CLI's
+    allocator settings (:func:`ulma.memory.configure`), the reference pass over the training
+    and held-out rows, evaluation before and after, the final save.  A fifth of the rows is
+    held out (as in the method configs), so ``data`` needs ``steps * 8 / 0.8`` rows for one
+    epoch.  Per-step seconds from the run's metrics.jsonl."""
+    from ulma.memory import configure
+    from ulma.train import Trainer
+
+    configure()
+    cfg = ulma_config(method, lora, data, steps, work, train={"lr": 3e-4})
+    cfg.data.eval_fraction, cfg.data.eval_limit = 0.2, None
+    trainer = Trainer(cfg)
+    t0 = time.perf_counter()
+    trainer.run()
+    rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+    seconds = [r["seconds"] for r in rows if "seconds" in r]
+    units = trainer.data.train
+    tokens = [sum(len(units.table.sequences[r].input_ids) for i in trainer.plan[k] for r in units.rows[i])
+              for k in range(len(seconds))]
+    return {"seconds": seconds, "tokens": tokens, "run_seconds": time.perf_counter() - t0,
+            "precomputed_reference": False, **param_counts(trainer.model)}
+
+
 # ---------------------------------------------------------------------- TRL
 
 
@@ -138,7 +162,8 @@ def run_trl(kind: str, lora: bool, data: Path, steps: int, work: Path, precomput
                   learning_rate=LR, max_steps=steps, lr_scheduler_type="constant", logging_steps=10_000,
                   save_strategy="no", report_to=[], bf16=BF16, use_cpu=DEVICE.type == "cpu", max_length=MAX_LENGTH,
                   beta=BETA, precompute_ref_log_probs=precompute, dataloader_num_workers=0, seed=0,
-                  disable_tqdm=True, **args)
+                  disable_tqdm=True)
+    common.update(args)
     if kind == "dpo":
         from trl import DPOConfig as Cfg, DPOTrainer as Base
     else:
@@ -346,6 +371,9 @@ WORKLOADS = {
                                                      train={"gradient_checkpointing": True}),
     "ulma-dpo-lora-unshared": lambda a: run_ulma("dpo", True, a.data, a.steps, a.work, train={"share_prompts": False}),
     "trl-kto-lora": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False),
+    # a run's whole length (run.py --long-steps, on rows enough for it): memory of real runs
+    "ulma-ulma-lora-long": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work),
+    "trl-kto-lora-long": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False, learning_rate=3e-4),
     "trl-kto-full": lambda a: run_trl("kto", False, a.data, a.steps, a.work, precompute=False),
     "trl-kto-full-unclipped": lambda a: run_trl("kto", False, a.data, a.steps, a.work, precompute=False,
                                                 max_grad_norm=0.0),

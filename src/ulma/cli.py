@@ -64,6 +64,9 @@ def _options(pairs: list[str]) -> dict:
 
 
 def cmd_train(args) -> int:
+    from ulma.memory import configure
+
+    configure()  # glibc's allocator for a long run, before any tensor exists (ulma.memory)
     from ulma.config import load_config, validate
     from ulma.trainer import train
 

@@ -27,6 +27,7 @@ from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf
 from ulma.loop import Loop, NonFiniteLossError, make_optimizer, my_share, set_seed, step_plan, total_steps
 from ulma.losses import group_mean, weighted
 from ulma.methods import DEFAULT_LOOP, LOOPS, METHODS, LossInputs, logp_reduction, loss_inputs
+from ulma.memory import release as release_memory
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 
 
@@ -326,6 +327,7 @@ class Trainer(Loop):
 
     def run(self) -> dict:
         self.ref_train, self.ref_eval = self._reference_caches()
+        release_memory()  # the pass's freed batches: not resident through the steps (ulma.memory)
         return super().run()
 
     def one_step(self, step: int) -> dict:
@@ -342,7 +344,9 @@ class Trainer(Loop):
         return self._evaluate(self.ref_eval, 0, policy_logps=self.ref_eval)
 
     def evaluate(self, step: int) -> dict:
-        return self._evaluate(self.ref_eval, step)
+        metrics = self._evaluate(self.ref_eval, step)
+        release_memory()
+        return metrics
 
     def _reference_caches(self):
         """Reference log-probs computed once, before any update (and kept on disk for resume)."""
