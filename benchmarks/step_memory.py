@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from ulma.config import load_config
-    from ulma.train import Trainer
+    from ulma.trainer import Trainer
 
     cfg = load_config(str(HERE.parent / "configs" / "ulma_hh.yaml"), [
         f"data.train.path={HH}", "data.train.limit=1200", "data.eval_limit=8", "train.grad_accum=1",

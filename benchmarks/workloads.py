@@ -120,7 +120,7 @@ def run_ulma_whole(method: str, lora: bool, data: Path, steps: int, work: Path) 
     held out (as in the method configs), so ``data`` needs ``steps * 8 / 0.8`` rows for one
     epoch.  Per-step seconds from the run's metrics.jsonl."""
     from ulma.memory import configure
-    from ulma.train import Trainer
+    from ulma.trainer import Trainer
 
     configure()
     cfg = ulma_config(method, lora, data, steps, work, train={"lr": 3e-4})
