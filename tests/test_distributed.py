@@ -79,7 +79,8 @@ inp = LossInputs(torch.tensor(mine, requires_grad=True), None, torch.zeros(len(m
 out = Trainer._kl_over_processes(types.SimpleNamespace(acc=acc), inp)
 assert sorted(out.kl_policy.tolist()) == [1.0, 2.0, 3.0, 4.0, 5.0], out.kl_policy
 assert sorted(out.kl_ref.tolist()) == [-5.0, -4.0, -3.0, -2.0, -1.0], out.kl_ref
-print("gathered", r, out.kl_policy.tolist())
+print("gathered", r, out.kl_policy.tolist(), flush=True)
+torch.distributed.destroy_process_group()  # gloo's threads must not outlive the interpreter (pytorch#190489)
 """
 
 
