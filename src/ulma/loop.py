@@ -20,6 +20,7 @@ import torch
 
 from ulma import checkpoint as ckpt, tracking
 from ulma.atomic import atomic_write_text
+from ulma.errors import ConfigError
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,6 +35,20 @@ def set_seed(seed: int) -> None:
 def pick_device() -> torch.device:
     """One process: the first GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def data_parallel_accelerator(method: str):
+    """The Accelerator of the reward and PPO loops: one process, or plain data parallelism
+    (DDP: gloo on the CPU, NCCL on GPUs).  FSDP and DeepSpeed are refused rather than
+    half-supported (PPO generates and scores with the whole model in every process)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ConfigError(f"method {method}: runs in one process or data-parallel (DDP) processes, "
+                          f"not under {acc.distributed_type.value}")
+    return acc
 
 
 def non_finite(*values) -> bool:

@@ -14,7 +14,16 @@ One step:
 
 Layout of a rollout: ``input_ids [N, P + R]`` = left-padded prompt (P) + right-padded
 response (R); per-token tensors are ``[N, R]`` over the response positions.  Dropout is
-off throughout (the model stays in eval mode), so the first epoch's ratio is exactly 1.
+off throughout (the model stays in eval mode), so the first epoch's ratio is 1.
+
+Data-parallel (``--num-processes``, ``accelerate launch``: DDP).  Each process samples and
+scores its share of the step's prompts (generation, reward, reference: the expensive part,
+on the model without DDP's wrapper), then every process holds the whole batch
+(:func:`gather_rollouts`), so advantages, whitening and the logged statistics are those of
+the whole batch.  The update runs each process's share of every mini-batch through one DDP
+wrapper over the policy and its value head: the update one process would make with the same
+rollouts.  Sampling noise is not that of one process (each process draws its own), so a
+2-process run is not the 1-process run; its updates are.
 
 A reward callable has the signature ``reward(prompts, texts, token_ids) -> Tensor [N]``:
 ``prompts`` are chat-turn tuples, ``texts`` the decoded responses (special tokens removed)
@@ -24,11 +33,13 @@ and ``token_ids`` the response token ids before the first EOS.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from ulma import checkpoint as ckpt
 from ulma.atomic import atomic_write_json
@@ -37,12 +48,14 @@ from ulma.data.prepare import load_split
 from ulma.data.tokenize import Tokenizer, fit, left_pad, stop_tokens
 from ulma.evaluation.generate import generate_tokens
 from ulma.logprobs import autocast, token_logps, use_bf16
-from ulma.loop import Loop, make_optimizer, non_finite, pick_device, set_seed, step_plan, total_steps
+from ulma.loop import (Loop, data_parallel_accelerator, make_optimizer, my_share, non_finite, set_seed, step_plan,
+                       total_steps)
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 from ulma.rlhf import losses as RL
 from ulma.rlhf.value_head import PolicyWithValueHead, ValueHead, load_value_head
 
 RewardFn = Callable[[list, list, list], torch.Tensor]
+STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")  # the update's token-mean statistics
 
 
 # ------------------------------------------------------------------ prompts and generation
@@ -77,30 +90,29 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def policy_forward(model, value_head: Optional[ValueHead], input_ids, attention_mask, mask, temperature: float,
-                   bf16: bool):
+def policy_forward(model, input_ids, attention_mask, mask, temperature: float, bf16: bool, values: bool = True):
     """Log-probs (and values) of the response tokens of a rollout layout.
 
-    ``input_ids``, ``attention_mask``: ``[N, P + R]``; ``mask``: ``[N, R]`` response tokens.
-    Returns ``(logps [N, R], values [N, R] or None, logits [N, R, V])``.  The logits at
-    position t predict token t + 1, and V(s_t) is read at the same position (the state
-    before the token is chosen).  Logits are divided by the sampling temperature: the
+    ``model``: a :class:`~ulma.rlhf.value_head.PolicyWithValueHead` (or its DDP wrapper);
+    with ``values=False`` a causal LM (the reference).  ``input_ids``, ``attention_mask``:
+    ``[N, P + R]``; ``mask``: ``[N, R]`` response tokens.  Returns ``(logps [N, R], values
+    [N, R] or None, logits [N, R, V])``.  Logits are divided by the sampling temperature: the
     log-probs are those of the distribution the tokens were sampled from.
     """
     device = next(model.parameters()).device
     n_resp = mask.shape[1]
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     with autocast(device, bf16):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
-                    logits_to_keep=n_resp + 1, output_hidden_states=value_head is not None, use_cache=False)
-    logits = out.logits if temperature == 1.0 else out.logits / temperature
+        if values:
+            logits, v = model(input_ids, attention_mask, positions(attention_mask), n_resp)
+        else:
+            logits, v = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
+                              logits_to_keep=n_resp + 1, use_cache=False).logits, None
+    logits = logits if temperature == 1.0 else logits / temperature
     prompt_part = torch.zeros(mask.shape[0], input_ids.shape[1] - n_resp, dtype=torch.bool)
     loss_mask = torch.cat([prompt_part, mask.cpu()], dim=1).to(device)
     logps, _ = token_logps(logits, input_ids, loss_mask)
-    values = None
-    if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, -n_resp - 1 : -1]) * mask.to(device)
-    return logps, values, logits[:, :-1]
+    return logps, None if v is None else v * mask.to(device), logits[:, :-1]
 
 
 # ------------------------------------------------------------------ rollouts
@@ -133,12 +145,19 @@ class Rollout:
 
 
 def sample(policy, tokenizer, prompts: list, prompt_ids: list, ppo_cfg, bf16: bool) -> Rollout:
-    """Generate a response to each prompt; decode it for the reward."""
+    """Generate a response to each prompt (:func:`laid_out`)."""
     ids, attn = left_pad(prompt_ids, tokenizer.pad_token_id)
-    stops = stop_tokens(tokenizer)
-    response = generate_tokens(policy, ids, attn, max_new_tokens=ppo_cfg.max_new_tokens, stops=stops,
+    response = generate_tokens(policy, ids, attn, max_new_tokens=ppo_cfg.max_new_tokens, stops=stop_tokens(tokenizer),
                                pad_id=tokenizer.pad_token_id, sample=True, temperature=ppo_cfg.temperature,
                                top_p=ppo_cfg.top_p, bf16=bf16)
+    return laid_out(tokenizer, prompts, prompt_ids, response)
+
+
+def laid_out(tokenizer, prompts: list, prompt_ids: list, response: torch.Tensor) -> Rollout:
+    """A Rollout of the responses ``[N, R]`` (padding after a stop token) to ``prompt_ids``:
+    the layout, the response mask, and the text decoded for the reward."""
+    ids, attn = left_pad(prompt_ids, tokenizer.pad_token_id)
+    stops = stop_tokens(tokenizer)
     mask = response_mask(response, stops)
     content = [row[m & ~torch.isin(row, torch.tensor(sorted(stops)))].tolist() for row, m in zip(response, mask)]
     texts = tokenizer.batch_decode(content, skip_special_tokens=True)
@@ -147,23 +166,77 @@ def sample(policy, tokenizer, prompts: list, prompt_ids: list, ppo_cfg, bf16: bo
     return Rollout(prompts, full_ids, full_attn, mask, texts, content)
 
 
+TOKEN_FIELDS = ("logps", "ref_logps", "values", "entropy")  # the per-token tensors of a scored rollout
+
+
+def merge_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Scored rollouts (the processes' shares, in order) as one, laid out as if sampled
+    together: prompts left-padded to the widest prompt, responses right-padded to the longest
+    (the mask and per-token tensors with False / 0).  Advantages come after, on the whole."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.input_ids.shape[1] - p.mask.shape[1] for p in parts)
+    n_resp = max(p.mask.shape[1] for p in parts)
+    parts = [_widen(p, width, n_resp, pad_id) for p in parts]
+
+    def joined(k):
+        return [x for p in parts for x in getattr(p, k)]
+
+    def stacked(k):
+        return torch.cat([getattr(p, k) for p in parts])
+
+    out = Rollout(joined("prompts"), stacked("input_ids"), stacked("attention_mask"), stacked("mask"), joined("texts"),
+                  joined("token_ids"))
+    for k in (*TOKEN_FIELDS, "scores"):
+        if getattr(parts[0], k) is not None:
+            setattr(out, k, stacked(k))
+    return out
+
+
+def _widen(ro: Rollout, width: int, n_resp: int, pad_id: int) -> Rollout:
+    """``ro`` with its prompts left-padded to ``width`` tokens and responses right-padded to ``n_resp``."""
+    left, right = width - (ro.input_ids.shape[1] - ro.mask.shape[1]), n_resp - ro.mask.shape[1]
+    tokens = {k: F.pad(getattr(ro, k), (0, right)) for k in TOKEN_FIELDS if getattr(ro, k) is not None}
+    return replace(ro, input_ids=F.pad(ro.input_ids, (left, right), value=pad_id),
+                   attention_mask=F.pad(ro.attention_mask, (left, right)), mask=F.pad(ro.mask, (0, right)), **tokens)
+
+
+def gather_rollouts(part: Optional[Rollout], pad_id: int, world: int) -> Rollout:
+    """Every process's share of a batch of rollouts (None: an empty share), in process order,
+    merged on every process (:func:`merge_rollouts`); one process: ``part`` itself."""
+    if world == 1:
+        return part
+    from accelerate.utils import gather_object
+
+    return merge_rollouts([p for p in gather_object([part]) if p is not None], pad_id)
+
+
 @torch.no_grad()
-def score_rollout(ro: Rollout, policy, value_head, reference: Reference, reward: RewardFn, ppo_cfg, micro: int,
+def score_rollout(ro: Rollout, model, reference: Reference, reward: RewardFn, ppo_cfg, micro: int,
                   bf16: bool) -> None:
-    """Fill in the old log-probs, values, entropy, reference log-probs and reward scores."""
+    """Fill in the old log-probs, values, entropy, reference log-probs and reward scores
+    (``model``: the :class:`~ulma.rlhf.value_head.PolicyWithValueHead`, without DDP's wrapper)."""
     parts = {"logps": [], "values": [], "entropy": [], "ref": []}
     for s in range(0, len(ro), micro):
         ids, attn, mask = ro.rows(slice(s, s + micro))
-        logps, values, logits = policy_forward(policy, value_head, ids, attn, mask, ppo_cfg.temperature, bf16)
+        logps, values, logits = policy_forward(model, ids, attn, mask, ppo_cfg.temperature, bf16)
         parts["logps"].append(logps.cpu())
         parts["values"].append(values.cpu())
         parts["entropy"].append(RL.entropy_from_logits(logits).cpu() * mask)
         del logits
         with reference.model() as ref_net:
-            parts["ref"].append(policy_forward(ref_net, None, ids, attn, mask, ppo_cfg.temperature, bf16)[0].cpu())
+            parts["ref"].append(policy_forward(ref_net, ids, attn, mask, ppo_cfg.temperature, bf16, False)[0].cpu())
     ro.logps, ro.values = torch.cat(parts["logps"]), torch.cat(parts["values"])
     ro.entropy, ro.ref_logps = torch.cat(parts["entropy"]), torch.cat(parts["ref"])
     ro.scores = check_scores(reward(ro.prompts, ro.texts, ro.token_ids), len(ro))
+
+
+@contextmanager
+def forked_rng(seed: int, device: torch.device):
+    """Random draws inside come from a stream seeded with ``seed``; the run's own is restored after."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def check_scores(scores, n: int) -> torch.Tensor:
@@ -197,7 +270,8 @@ def advantages(ro: Rollout, ppo_cfg, beta: float) -> None:
 
 class PPOTrainer(Loop):
     """PPO with LoRA (or full fine-tuning), a value head and a KL penalty to the reference
-    (the loop itself: :class:`ulma.loop.Loop`; one step = one rollout batch).
+    (the loop itself: :class:`ulma.loop.Loop`; one step = one rollout batch), in one process
+    or data-parallel ones (the module's docstring).
 
     ``reward``: a callable ``(prompts, texts, token_ids) -> Tensor [N]``; None loads a
     :class:`~ulma.scoring.RewardScorer` from ``ppo.reward_model``.
@@ -211,9 +285,12 @@ class PPOTrainer(Loop):
             raise ConfigError("ppo.reward_model: method rlhf needs a reward model folder (train one with method.name=reward)")
         self.cfg, p = cfg, cfg.ppo
         self.beta = cfg.method.beta if p.beta is None else p.beta
-        self.device = pick_device()
+        self.acc = data_parallel_accelerator("rlhf")
+        self.device, self.world, self.rank = self.acc.device, self.acc.num_processes, self.acc.process_index
         self.out = Path(cfg.train.output_dir)
-        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite)
+        ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite,
+                            delete=self.acc.is_main_process)
+        self.acc.wait_for_everyone()
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.name_or_path)
         self.bf16 = use_bf16(cfg.train.bf16, self.device)
@@ -228,8 +305,19 @@ class PPOTrainer(Loop):
         self.total_steps = total_steps(cfg.train, len(self.prompts) / p.rollout_batch)
         updates = self.total_steps * p.ppo_epochs * math.ceil(p.rollout_batch / p.mini_batch_size)
         self.params = trainable_parameters(self.policy) + list(self.value_head.parameters())
-        self.optimizer, self.scheduler = make_optimizer(self.params, cfg.train, updates)
+        optimizer, self.scheduler = make_optimizer(self.params, cfg.train, updates)
+        # one DDP wrapper over the policy and its value head: both trained, gradients averaged together
+        self.model, self.optimizer = self.acc.prepare(PolicyWithValueHead(self.policy, self.value_head), optimizer)
         self.plan = step_plan(self.prompts, self.total_steps, p.rollout_batch, 1, cfg.train.seed, False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def inner(self) -> PolicyWithValueHead:
+        """The policy and value head without DDP's wrapper (sampling, scoring, saving: no collectives)."""
+        return self.acc.unwrap_model(self.model)
 
     def _prepare_prompts(self) -> None:
         cfg = self.cfg
@@ -255,24 +343,52 @@ class PPOTrainer(Loop):
 
     # ------------------------------------------------------------------ one step
     def rollout(self, idx: list[int], prompts: list, prompt_ids: list) -> Rollout:
-        ro = sample(self.policy, self.tokenizer, [prompts[i] for i in idx], [prompt_ids[i] for i in idx],
-                    self.cfg.ppo, self.bf16)
-        score_rollout(ro, self.policy, self.value_head, self.reference, self.reward, self.cfg.ppo,
-                      self.cfg.train.micro_batch_size, self.bf16)
+        """The rollouts of prompts ``idx``, scored, with their advantages: each process samples
+        and scores its share, then every process holds them all, so advantages, whitening and
+        statistics are those of the whole batch."""
+        mine, share = my_share(idx, self.rank, self.world)
+        part = self._sample_and_score([prompts[i] for i in mine], [prompt_ids[i] for i in mine]) if share else None
+        ro = gather_rollouts(part, self.tokenizer.pad_token_id, self.world)
         advantages(ro, self.cfg.ppo, self.beta)
         return ro
 
+    def _sample_and_score(self, prompts: list, prompt_ids: list) -> Rollout:
+        ro = sample(self.policy, self.tokenizer, prompts, prompt_ids, self.cfg.ppo, self.bf16)
+        score_rollout(ro, self.inner, self.reference, self.reward, self.cfg.ppo, self.cfg.train.micro_batch_size,
+                      self.bf16)
+        return ro
+
+    def _noise(self, step: Optional[int]):
+        """The random stream sampling draws from at training ``step`` (None: an evaluation).
+
+        One process: the run's own stream; an evaluation forks one seeded with train.seed + 1
+        (the same noise at every evaluation; training is untouched).  Several: a fork seeded
+        by (train.seed, step, process): each process draws its own noise, the run's stream
+        (the mini-batch orders of :meth:`update`) stays the same on all of them, and a resumed
+        run samples what an uninterrupted one did.
+        """
+        seed = self.cfg.train.seed
+        if self.world == 1:
+            return nullcontext() if step is not None else forked_rng(seed + 1, self.device)
+        return forked_rng(hash((seed, -1 if step is None else step, self.rank)) % 2**63, self.device)
+
     def train_step(self, step: int) -> dict:
         idx = self.plan[step]
-        ro = self.rollout(idx, self.prompts, self.prompt_ids)
+        with self._noise(step):
+            ro = self.rollout(idx, self.prompts, self.prompt_ids)
         stats = self.update(ro)
         return {**ro.stats, **stats, "prompts_truncated": sum(self.prompt_cut[i] for i in idx),
                 "skipped": stats["skipped_updates"] > 0}
 
     def update(self, ro: Rollout) -> dict:
-        """``ppo_epochs`` passes over the rollouts, one optimizer update per mini-batch."""
+        """``ppo_epochs`` passes over the rollouts, one optimizer update per mini-batch.
+
+        Every process holds all the rollouts and draws the same mini-batches (the run's own
+        random stream, :meth:`_noise`); each runs its share of them and DDP averages the
+        gradients: the update one process makes with the whole mini-batch.
+        """
         p = self.cfg.ppo
-        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clipfrac": 0.0, "value_clipfrac": 0.0, "approx_kl": 0.0}
+        sums = torch.zeros(len(STATS), dtype=torch.float64)
         tokens, norms, skipped = 0, [], 0
         for _ in range(p.ppo_epochs):
             order = torch.randperm(len(ro)).tolist()
@@ -282,46 +398,51 @@ class PPOTrainer(Loop):
                 if n_tok == 0:
                     continue
                 stats = self._minibatch(ro, mb, n_tok)
-                for k in sums:
-                    sums[k] += stats[k]
+                sums += stats
                 tokens += n_tok
-                norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm or math.inf)
-                bad = non_finite(norm, stats["policy_loss"], stats["value_loss"])
+                norm = self.acc.clip_grad_norm_(self.params, self.cfg.train.max_grad_norm or math.inf)
+                bad = non_finite(norm, stats[0], stats[1])  # the same on every process: sums over all of them
                 if not bad:
                     self.optimizer.step()
                 skipped += bad
                 norms.append(float(norm))
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
-        out = {k: v / max(tokens, 1) for k, v in sums.items()}  # token-weighted means over the step
+        out = dict(zip(STATS, (sums / max(tokens, 1)).tolist()))  # token-weighted means over the step
         out.update(grad_norm=sum(norms) / max(len(norms), 1), lr=self.scheduler.get_last_lr()[0], skipped_updates=skipped)
         return out
 
-    def _minibatch(self, ro: Rollout, mb: list[int], n_tok: int) -> dict:
-        """Backward of one mini-batch in micro-batches; returns token SUMS of the statistics."""
-        p, micro = self.cfg.ppo, self.cfg.train.micro_batch_size
-        sums = dict.fromkeys(("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl"), 0.0)
-        for s in range(0, len(mb), micro):
-            rows = mb[s : s + micro]
-            ids, attn, mask = ro.rows(rows)
-            logps, values, logits = policy_forward(self.policy, self.value_head, ids, attn, mask, p.temperature,
-                                                   self.bf16)
-            del logits
-            m = mask.to(logps.device).float()
-            old_logps, adv, old_values, returns = (x[rows].to(logps.device) for x in
-                                                   (ro.logps, ro.advantages, ro.values, ro.returns))
-            pg, pg_clipped = RL.clipped_policy_loss(logps, old_logps, adv, p.clip_range)
-            vf, vf_clipped = RL.clipped_value_loss(values, old_values, returns, p.value_clip)
-            # A sum over tokens divided by the mini-batch's token count: the micro-batches add
-            # up to the token mean of the whole mini-batch.
-            loss = ((pg + p.vf_coef * vf) * m).sum() / n_tok
-            loss.backward()
-            sums["policy_loss"] += float((pg.detach() * m).sum())
-            sums["value_loss"] += float((vf.detach() * m).sum())
-            sums["clipfrac"] += float((pg_clipped.float() * m).sum())
-            sums["value_clipfrac"] += float((vf_clipped.float() * m).sum())
-            sums["approx_kl"] += float((0.5 * (logps.detach() - old_logps) ** 2 * m).sum())
-        return sums
+    def _minibatch(self, ro: Rollout, mb: list[int], n_tok: int) -> torch.Tensor:
+        """Backward of one mini-batch of ``n_tok`` tokens, in global micro-batches of
+        ``micro_batch_size x processes`` rows (this process's share of each: every process
+        runs as many forwards); returns the token SUMS of :data:`STATS` over all processes."""
+        size = self.cfg.train.micro_batch_size * self.world
+        chunks = [mb[s : s + size] for s in range(0, len(mb), size)]
+        sums = torch.zeros(len(STATS), dtype=torch.float64)
+        for k, chunk in enumerate(chunks):
+            rows, share = my_share(chunk, self.rank, self.world)
+            with self.acc.no_sync(self.model) if k < len(chunks) - 1 else nullcontext():
+                sums += self._micro(ro, rows, n_tok, share)
+        return self.acc.reduce(sums.to(self.device), "sum").cpu() if self.world > 1 else sums
+
+    def _micro(self, ro: Rollout, rows: list[int], n_tok: int, share: float) -> torch.Tensor:
+        """Backward of one micro-batch; token sums of :data:`STATS` (``share`` 0: a stand-in, counts nothing)."""
+        p = self.cfg.ppo
+        ids, attn, mask = ro.rows(rows)
+        logps, values, logits = policy_forward(self.model, ids, attn, mask, p.temperature, self.bf16)
+        del logits
+        m = mask.to(logps.device).float()
+        old_logps, adv, old_values, returns = (x[rows].to(logps.device) for x in
+                                               (ro.logps, ro.advantages, ro.values, ro.returns))
+        pg, pg_clipped = RL.clipped_policy_loss(logps, old_logps, adv, p.clip_range)
+        vf, vf_clipped = RL.clipped_value_loss(values, old_values, returns, p.value_clip)
+        # A sum over tokens divided by the mini-batch's token count: the micro-batches add up to
+        # the token mean of the whole mini-batch (x processes: DDP averages the gradients).
+        loss = ((pg + p.vf_coef * vf) * m).sum() / n_tok * self.world * share
+        self.acc.backward(loss)
+        sums = torch.stack([(pg.detach() * m).sum(), (vf.detach() * m).sum(), (pg_clipped.float() * m).sum(),
+                            (vf_clipped.float() * m).sum(), (0.5 * (logps.detach() - old_logps) ** 2 * m).sum()])
+        return sums.double().cpu() * share
 
     # ------------------------------------------------------------------ the loop (ulma.loop.Loop)
     def postfix(self, row: dict) -> dict:
@@ -329,12 +450,11 @@ class PPOTrainer(Loop):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
-        """Mean reward and KL of responses sampled for the held-out prompts, with a fixed
-        seed (the same sampling noise at every evaluation; the training stream is untouched)."""
+        """Mean reward and KL of responses sampled for the held-out prompts (split between the
+        processes), with a fixed seed: the same sampling noise at every evaluation (:meth:`_noise`)."""
         if not self.eval_prompts:
             return {}
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.cfg.train.seed + 1)
+        with self._noise(None):
             ro = self.rollout(list(range(len(self.eval_prompts))), self.eval_prompts, self.eval_prompt_ids)
         metrics = {k: ro.stats[k] for k in ("reward", "kl", "reward_total", "entropy", "response_length")}
         metrics["prompts"] = len(ro)
@@ -343,12 +463,11 @@ class PPOTrainer(Loop):
                                "reward": float(ro.scores[i])} for i in range(min(3, len(ro)))]
         return metrics
 
-    def _model_to_save(self) -> PolicyWithValueHead:
-        return PolicyWithValueHead(self.policy, self.value_head)
-
     def save(self, step: int, results: dict) -> None:
-        ckpt.save_checkpoint(self.out, step, self._model_to_save(), self.tokenizer, self.optimizer, self.scheduler,
-                             {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
+        if self.is_main:
+            ckpt.save_checkpoint(self.out, step, self.inner, self.tokenizer, self.optimizer, self.scheduler,
+                                 {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()
 
     def load(self, found: Path) -> dict:
         ckpt.load_weights(self.policy, found / "model")
@@ -356,11 +475,15 @@ class PPOTrainer(Loop):
         return ckpt.load_trainer_state(found, self.optimizer, self.scheduler)
 
     def finish(self, results: dict) -> dict:
-        truncated = getattr(self.reward, "prompts_truncated", None)
+        truncated = getattr(self.reward, "prompts_truncated", None)  # counted where each process scored
+        if truncated is not None and self.world > 1:
+            truncated = int(self.acc.reduce(torch.tensor(truncated, device=self.device), "sum"))
         results.update(method="rlhf", beta=self.beta, config=to_dict(self.cfg), steps=self.total_steps,
-                       data={**self.report, "reward_prompts_truncated": truncated})
-        ckpt.atomic_save_model(self.out / "final", self._model_to_save(), self.tokenizer)
-        atomic_write_json(self.out / "results.json", results)
+                       processes=self.world, data={**self.report, "reward_prompts_truncated": truncated})
+        if self.is_main:
+            ckpt.atomic_save_model(self.out / "final", self.inner, self.tokenizer)
+            atomic_write_json(self.out / "results.json", results)
+        self.acc.wait_for_everyone()
         return results
 
 

@@ -27,7 +27,8 @@ from ulma.data.schema import as_kind, pointwise_to_pairs
 from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate
 from ulma.evaluation.metrics import label_accuracy, reward_accuracy
 from ulma.logprobs import use_bf16
-from ulma.loop import Loop, make_optimizer, my_share, non_finite, set_seed, step_plan, total_steps
+from ulma.loop import (Loop, data_parallel_accelerator, make_optimizer, my_share, non_finite, set_seed, step_plan,
+                       total_steps)
 from ulma.losses import weighted
 from ulma.methods import Method
 from ulma.models import add_lora, is_peft, load_tokenizer, resolve_model_path, trainable_parameters
@@ -166,7 +167,7 @@ class RewardTrainer(Loop):
     def __init__(self, cfg: Config):
         validate(cfg)
         self.cfg = cfg
-        self.acc = _accelerator()
+        self.acc = data_parallel_accelerator("reward")
         self.device = self.acc.device
         self.out = Path(cfg.train.output_dir)
         ckpt.prepare_output(self.out, resume=cfg.train.resume, overwrite=cfg.train.overwrite,
@@ -276,19 +277,6 @@ class RewardTrainer(Loop):
             atomic_write_json(self.out / "results.json", results)
         self.acc.wait_for_everyone()
         return results
-
-
-def _accelerator():
-    """The run's Accelerator: one process, or plain data parallelism (DDP); a reward model is
-    small beside the policy, so FSDP and DeepSpeed are refused rather than half-supported."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        raise ConfigError(f"method reward: runs in one process or data-parallel (DDP) processes, "
-                          f"not under {acc.distributed_type.value}")
-    return acc
 
 
 def train_reward(cfg: Config) -> dict:

@@ -28,16 +28,27 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 also inside the policy's bf16 autocast
+            return self.linear(hidden.float()).squeeze(-1)
 
 
 class PolicyWithValueHead(nn.Module):
-    """What a PPO run saves: ``save_pretrained`` writes the policy (adapter or full model,
-    loadable with ``AutoPeftModelForCausalLM`` / ``AutoModelForCausalLM``) and the value head."""
+    """The policy and its value head as one module: what PPO trains (one DDP wrapper over
+    both, so the value head's gradients are averaged with the policy's) and what it saves:
+    ``save_pretrained`` writes the policy (adapter or full model, loadable with
+    ``AutoPeftModelForCausalLM`` / ``AutoModelForCausalLM``) and the value head."""
 
     def __init__(self, policy, value_head: ValueHead):
         super().__init__()
         self.policy, self.value_head = policy, value_head
+
+    def forward(self, input_ids, attention_mask, position_ids, n_resp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [N, n_resp + 1, V], values [N, n_resp])`` of the last ``n_resp + 1``
+        positions: the logits at position t predict token t + 1, and V(s_t) is read at the
+        same position (the state before the token is chosen), for the last n_resp tokens."""
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          logits_to_keep=n_resp + 1, output_hidden_states=True, use_cache=False)
+        return out.logits, self.value_head(out.hidden_states[-1][:, -n_resp - 1 : -1])
 
     def save_pretrained(self, folder, **kwargs) -> None:
         from safetensors.torch import save_file
