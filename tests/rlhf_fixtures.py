@@ -52,3 +52,49 @@ def word_policy_dir(tmp_path_factory, word_tokenizer):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# ---------------------------------------------------------------- a fixed rollout (no sampling)
+# (prompt tokens cut from the left, response words, ended by the stop token): the first four
+# rows have shorter prompts and the longest response (6 words, no stop token: cut at
+# ppo.max_new_tokens=6); the last four the widest prompts and responses of at most 4 tokens.
+FIXED_ROWS = [(3, "yes it is good", True), (5, "no", True), (4, "w1 w2 w3 w4 w5 w6", False), (3, "", True),
+              (0, "good", True), (1, "a bad w7", True), (0, "yes and no", True), (2, "it", True)]
+
+
+def fixed_rollout(trainer, rows):
+    """The Rollout of FIXED_ROWS[r] for r in ``rows``, answering the trainer's prompts r."""
+    from ulma.rlhf.ppo import laid_out
+
+    tok = trainer.tokenizer
+    vocab = tok.get_vocab()
+    answers = [[vocab[w] for w in words.split()] + ([tok.eos_token_id] if stop else []) for _, words, stop in
+               (FIXED_ROWS[r] for r in rows)]
+    width = max(len(a) for a in answers)
+    response = torch.tensor([a + [tok.pad_token_id] * (width - len(a)) for a in answers])
+    return laid_out(tok, [trainer.prompts[r] for r in rows],
+                    [trainer.prompt_ids[r][FIXED_ROWS[r][0]:] for r in rows], response)
+
+
+def length_reward(prompts, texts, token_ids):
+    """A reward known in advance: response length / 6, minus 1 for each "no"."""
+    return torch.tensor([len(t.split()) / 6 - t.split().count("no") for t in texts])
+
+
+def perturb(trainer) -> None:
+    """Seeded non-zero LoRA B and value head (they start at 0): the policy differs from the
+    reference and the values from 0, so the tests compare numbers that are not all equal."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in trainer.inner.named_parameters():
+            if "lora_B" in name or "value_head" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def score(trainer, ro):
+    """``ro`` scored by the trainer's policy, value head, reference and reward."""
+    from ulma.rlhf.ppo import score_rollout
+
+    score_rollout(ro, trainer.inner, trainer.reference, trainer.reward, trainer.cfg.ppo,
+                  trainer.cfg.train.micro_batch_size, trainer.bf16)
+    return ro

@@ -28,14 +28,17 @@ def prompt_file(tmp_path):
     return write_jsonl(tmp_path / "prompts.jsonl", rows)
 
 
+def ppo_args(model_dir, data, out, *extra) -> list[str]:
+    """The overrides of configs/rlhf.yaml the PPO tests run with."""
+    return [f"model.name_or_path={model_dir}", "data.train.source=jsonl", f"data.train.path={data}",
+            "data.eval_fraction=0.2", "data.max_length=32", "train.micro_batch_size=16", "train.lr=1e-2",
+            "train.warmup_ratio=0", "train.bf16=false", "train.progress=false", f"train.output_dir={out}",
+            "model.lora.r=4", "model.lora.dropout=0.0", "ppo.rollout_batch=16", "ppo.mini_batch_size=8",
+            "ppo.ppo_epochs=4", "ppo.max_new_tokens=6", "ppo.eval_prompts=8", *extra]
+
+
 def ppo_cfg(model_dir, data, out, *extra):
-    return load_config("configs/rlhf.yaml", [
-        f"model.name_or_path={model_dir}", "data.train.source=jsonl", f"data.train.path={data}",
-        "data.eval_fraction=0.2", "data.max_length=32", "train.micro_batch_size=16", "train.lr=1e-2",
-        "train.warmup_ratio=0", "train.bf16=false", "train.progress=false", f"train.output_dir={out}",
-        "model.lora.r=4", "model.lora.dropout=0.0", "ppo.rollout_batch=16", "ppo.mini_batch_size=8",
-        "ppo.ppo_epochs=4", "ppo.max_new_tokens=6", "ppo.eval_prompts=8", *extra,
-    ])
+    return load_config("configs/rlhf.yaml", ppo_args(model_dir, data, out, *extra))
 
 
 def test_long_prompts_are_cut_from_the_left_and_counted(word_tokenizer):  # noqa: F811
