@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from rlhf_fixtures import (FIXED_ROWS, fixed_rollout, length_reward, perturb, score, word_policy_dir,  # noqa: F401
+from rlhf_fixtures import (fixed_rollout, length_reward, perturb, score, word_policy_dir,  # noqa: F401
                            word_tokenizer)
 from test_rlhf_ppo import ppo_args, ppo_cfg
 from test_train import metrics

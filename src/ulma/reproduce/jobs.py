@@ -225,7 +225,8 @@ class CellJob(Job):
     def _launcher(self):
         if self.ctx.scale.launcher == "accelerate" and self.method in METHODS:
             return accelerate_launcher(self.ctx.scale)
-        return None  # reward models and PPO run in one process
+        # reward models and PPO train in this process (a scale may name an FSDP or DeepSpeed config, which they refuse)
+        return None
 
     def describe(self) -> str:
         c, s = self.config(), self.ctx.scale

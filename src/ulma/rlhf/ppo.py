@@ -14,7 +14,7 @@ One step:
 
 Layout of a rollout: ``input_ids [N, P + R]`` = left-padded prompt (P) + right-padded
 response (R); per-token tensors are ``[N, R]`` over the response positions.  Dropout is
-off throughout (the model stays in eval mode), so the first epoch's ratio is 1.
+off throughout (the model stays in eval mode), so the first epoch's ratio is 1 (to rounding).
 
 Data-parallel (``--num-processes``, ``accelerate launch``: DDP).  Each process samples and
 scores its share of the step's prompts (generation, reward, reference: the expensive part,
@@ -370,6 +370,7 @@ class PPOTrainer(Loop):
         seed = self.cfg.train.seed
         if self.world == 1:
             return nullcontext() if step is not None else forked_rng(seed + 1, self.device)
+        # a tuple of ints hashes alike in every process and run (unlike strings)
         return forked_rng(hash((seed, -1 if step is None else step, self.rank)) % 2**63, self.device)
 
     def train_step(self, step: int) -> dict:
