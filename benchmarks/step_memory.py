@@ -41,6 +41,9 @@ def main() -> None:
             libc.mallopt(-8, int(part[5:]))  # M_ARENA_MAX
     import torch
 
+    if "trimbwd" in parts:  # malloc_trim(0) between each micro-batch's forward and backward
+        backward = torch.Tensor.backward
+        torch.Tensor.backward = lambda self, *a, **k: (libc.malloc_trim(0), backward(self, *a, **k))[1]
     from ulma.config import load_config
     from ulma.trainer import Trainer
 
