@@ -163,9 +163,8 @@ def close_process_group() -> None:
     """Destroy the process group of a launched run (accelerate, torchrun) once it has ended well.
 
     Without this, gloo's worker threads outlive the interpreter's teardown, which can abort
-    the process (SIGABRT, "terminate called without an active exception", pytorch#190489):
-    seen once in a fresh-clone CI run, by a 2-process DeepSpeed run that had written all it
-    had to.  Not after an error: destroying the group while peers are still inside a
+    the process (SIGABRT, "terminate called without an active exception", pytorch#190489)
+    after it has written all it had to.  Not after an error: destroying the group while peers are still inside a
     collective can hang them (torchtitan#1342).
     """
     import torch.distributed as dist

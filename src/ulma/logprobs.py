@@ -208,7 +208,7 @@ def _float_buffer(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-FUSED_CHUNK = 512  # scored positions per chunk: [512, 49k] float32 logits = 100 MB for SmolLM2
+FUSED_CHUNK = 512  # scored positions per chunk: [512, V] float32 logits
 CPU_CHUNK_BYTES = 24 << 20  # a CPU forward chunk's float32 logits, under glibc's 32 MB mmap threshold
 
 

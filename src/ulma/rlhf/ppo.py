@@ -48,8 +48,8 @@ from ulma.data.prepare import load_split
 from ulma.data.tokenize import Tokenizer, fit, left_pad, stop_tokens
 from ulma.evaluation.generate import generate_tokens
 from ulma.logprobs import autocast, token_logps, use_bf16
-from ulma.loop import (Loop, data_parallel_accelerator, make_optimizer, my_share, non_finite, set_seed, step_plan,
-                       total_steps)
+from ulma.loop import (DataParallelLoop, data_parallel_accelerator, make_optimizer, my_share, non_finite, set_seed,
+                       step_plan, total_steps)
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 from ulma.rlhf import losses as RL
 from ulma.rlhf.value_head import PolicyWithValueHead, ValueHead, load_value_head
@@ -268,7 +268,7 @@ def advantages(ro: Rollout, ppo_cfg, beta: float) -> None:
 # ------------------------------------------------------------------ the trainer
 
 
-class PPOTrainer(Loop):
+class PPOTrainer(DataParallelLoop):
     """PPO with LoRA (or full fine-tuning), a value head and a KL penalty to the reference
     (the loop itself: :class:`ulma.loop.Loop`; one step = one rollout batch), in one process
     or data-parallel ones (the module's docstring).
@@ -309,15 +309,6 @@ class PPOTrainer(Loop):
         # one DDP wrapper over the policy and its value head: both trained, gradients averaged together
         self.model, self.optimizer = self.acc.prepare(PolicyWithValueHead(self.policy, self.value_head), optimizer)
         self.plan = step_plan(self.prompts, self.total_steps, p.rollout_batch, 1, cfg.train.seed, False)
-
-    @property
-    def is_main(self) -> bool:
-        return self.acc.is_main_process
-
-    @property
-    def inner(self) -> PolicyWithValueHead:
-        """The policy and value head without DDP's wrapper (sampling, scoring, saving: no collectives)."""
-        return self.acc.unwrap_model(self.model)
 
     def _prepare_prompts(self) -> None:
         cfg = self.cfg
@@ -463,12 +454,6 @@ class PPOTrainer(Loop):
         metrics["samples"] = [{"prompt": ro.prompts[i][-1]["content"], "response": ro.texts[i],
                                "reward": float(ro.scores[i])} for i in range(min(3, len(ro)))]
         return metrics
-
-    def save(self, step: int, results: dict) -> None:
-        if self.is_main:
-            ckpt.save_checkpoint(self.out, step, self.inner, self.tokenizer, self.optimizer, self.scheduler,
-                                 {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
-        self.acc.wait_for_everyone()
 
     def load(self, found: Path) -> dict:
         ckpt.load_weights(self.policy, found / "model")

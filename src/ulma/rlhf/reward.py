@@ -27,8 +27,8 @@ from ulma.data.schema import as_kind, pointwise_to_pairs
 from ulma.data.tokenize import SequenceTable, Tokenizer, Units, collate
 from ulma.evaluation.metrics import label_accuracy, reward_accuracy
 from ulma.logprobs import use_bf16
-from ulma.loop import (Loop, data_parallel_accelerator, make_optimizer, my_share, non_finite, set_seed, step_plan,
-                       total_steps)
+from ulma.loop import (DataParallelLoop, data_parallel_accelerator, make_optimizer, my_share, non_finite, set_seed,
+                       step_plan, total_steps)
 from ulma.losses import weighted
 from ulma.methods import Method
 from ulma.models import add_lora, is_peft, load_tokenizer, resolve_model_path, trainable_parameters
@@ -156,7 +156,7 @@ def save_reward_model(model, tokenizer, folder: Path) -> None:
 # ------------------------------------------------------------------ the loop
 
 
-class RewardTrainer(Loop):
+class RewardTrainer(DataParallelLoop):
     """Fits r_phi on the training split; evaluates on the held-out split before and after
     (the loop itself: :class:`ulma.loop.Loop`).  Data-parallel over the processes of an
     ``accelerate`` / ``torchrun`` launch (DDP): each takes its slice of every global
@@ -189,15 +189,6 @@ class RewardTrainer(Loop):
         self.model, self.optimizer = self.acc.prepare(self.model, optimizer)
         self.plan = step_plan(self.data.train, self.total_steps * t.grad_accum, t.micro_batch_size, world, t.seed,
                               t.group_by_length)
-
-    @property
-    def is_main(self) -> bool:
-        return self.acc.is_main_process
-
-    @property
-    def inner(self):
-        """The model itself, without DDP's wrapper (forwards without collectives, saving)."""
-        return self.acc.unwrap_model(self.model)
 
     def _prepare_data(self) -> None:
         cfg = self.cfg
@@ -258,12 +249,6 @@ class RewardTrainer(Loop):
                                   self.cfg.reward.calibration_bins)
         self._log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         return metrics
-
-    def save(self, step: int, results: dict) -> None:
-        if self.is_main:
-            ckpt.save_checkpoint(self.out, step, self.inner, self.tokenizer, self.optimizer, self.scheduler,
-                                 {"step": step, "results": results}, keep=self.cfg.train.keep_checkpoints)
-        self.acc.wait_for_everyone()
 
     def load(self, found: Path) -> dict:
         return ckpt.load_checkpoint(found, self.inner, self.optimizer, self.scheduler)
