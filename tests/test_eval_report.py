@@ -105,4 +105,4 @@ def test_report_command(folders, tmp_path, capsys):
     assert md == markdown([load_result(f) for f in folders])
     assert (tmp_path / "r" / "report.png").exists() and md in capsys.readouterr().out
     assert main(["report", str(tmp_path / "empty")]) == 2
-    assert "no perplexity.json, judge_summary.json or agreement.json" in capsys.readouterr().err
+    assert "no perplexity.json, judge_summary.json, agreement.json or preference.json" in capsys.readouterr().err

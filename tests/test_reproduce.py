@@ -127,7 +127,7 @@ def test_runner_end_to_end_then_skips_finished_cells(hh_done, hh_run, capsys):
     done, _ = hh_done
     manifest = json.loads((done / "data/hh/manifest.json").read_text())
     assert {k: c["prompts"] for k, c in manifest["counts"].items()} == {"train": 8, "test": 4, "judge": 6}
-    win_tie = {}
+    win_tie, prefs = {}, {}
     for method in ("sft", "ulma"):
         for seed in (0, 1):
             cell = done / "cells/hh" / method / f"seed{seed}"
@@ -137,14 +137,20 @@ def test_runner_end_to_end_then_skips_finished_cells(hh_done, hh_run, capsys):
             summary = json.loads((cell / "eval/judge_summary.json").read_text())
             assert summary["criteria"]["harmless"]["n"] == 4  # one answer per test prompt
             win_tie[method, seed] = summary["criteria"]["harmless"]["win_tie"]
+            pref = json.loads((cell / "eval/preference.json").read_text())
+            assert (pref["pairs"], pref["meta"]["method"]) == (4, method)  # the 4 test pairs humans ordered
+            assert pref["accuracy"] * 4 == round(pref["accuracy"] * 4)  # a share of 4 pairs
+            prefs[method, seed] = pref["accuracy"]
             config = (cell / "config.yaml").read_text()
             assert f"seed: {seed}" in config and "lr: 0.0003" in config and "name: " + method in config
     table = (done / "table1.md").read_text()
     assert "Judge: a reward model trained by ulma on each data set's judge split" in table
     assert table_row(table, "ulma")[2] == t_cell([win_tie["ulma", 0], win_tie["ulma", 1]])
-    assert table_row(table, "rlhf") == ["rlhf"] + ["missing"] * 4  # not run (on HH; PyRIT not asked for)
+    assert "HH preference accuracy (%) ↑" in table and table_row(table, "sft")[3] == t_cell([prefs["sft", 0],
+                                                                                          prefs["sft", 1]])
+    assert table_row(table, "rlhf") == ["rlhf"] + ["missing"] * 6  # not run (on HH; PyRIT not asked for)
     for extra in ("kto", "bco"):  # extra rows, marked
-        assert table_row(table, f"{extra} (not in the paper)") == [f"{extra} (not in the paper)"] + ["missing"] * 4
+        assert table_row(table, f"{extra} (not in the paper)") == [f"{extra} (not in the paper)"] + ["missing"] * 6
     assert "- Golden HH: not run (on the hub only: paper scale)." in table
     assert "| reward:" in table and "| hh | harmless | 4 |" in table  # the judge's agreement, 4 test pairs
     assert (done / "table1.png").read_bytes()[:4] == b"\x89PNG" and (done / "figure2.png").exists()
@@ -152,6 +158,7 @@ def test_runner_end_to_end_then_skips_finished_cells(hh_done, hh_run, capsys):
     assert "Optimizer steps per cell (PPO: rollout batches): hh/sft 1, hh/ulma 2." in claims  # 8 and 16 units / 8
     assert "**(c)** ULMA's gain over the other methods is larger on Golden HH than on HH (better positives): " \
            "**not run**" in claims
+    assert "**(vs kto)** ULMA beats KTO (not a claim of the paper): **not run**" in claims
 
     out, args = hh_run  # a copy elsewhere: nothing is redone, nothing rewritten
     before = files_and_mtimes(out / "cells") | files_and_mtimes(out / "data") | files_and_mtimes(out / "judge")
@@ -171,7 +178,7 @@ def test_report_marks_missing_cells_and_unfinished_cells_are_redone(hh_run, caps
     assert reproduce(*args, "--report-only") == 0
     row = table_row((out / "table1.md").read_text(), "ulma")
     assert row[1].endswith("(1/2 runs)") and "[" in row[1]  # one run: its bootstrap interval over prompts
-    assert table_row((out / "table1.md").read_text(), "dpo") == ["dpo"] + ["missing"] * 4
+    assert table_row((out / "table1.md").read_text(), "dpo") == ["dpo"] + ["missing"] * 6
 
     # an interrupted training (no results.json) is started over; an interrupted evaluation keeps the model
     cell = out / "cells/hh/ulma/seed1"
@@ -190,6 +197,23 @@ def test_report_marks_missing_cells_and_unfinished_cells_are_redone(hh_run, caps
     assert (sft / "final/adapter_model.safetensors").stat().st_mtime_ns == model_mtime
     assert json.loads((sft / "DONE.json").read_text())["seconds"]["train"] == 0.0
     assert "(1/2 runs)" not in (out / "table1.md").read_text()
+
+
+def test_a_cell_without_preference_accuracy_gets_it_and_keeps_the_rest(hh_run, capsys):
+    out, args = hh_run  # as a cell finished by an older ulma: no preference.json
+    cell = out / "cells/hh/ulma/seed0"
+    kept = {p: (cell / p).stat().st_mtime_ns for p in ("final/adapter_model.safetensors", "eval/generations.jsonl",
+                                                       "eval/judge_summary.json", "eval/perplexity.json")}
+    before = json.loads((cell / "eval/preference.json").read_text())
+    (cell / "eval/preference.json").unlink()
+    capsys.readouterr()
+    assert reproduce(*args) == 0
+    assert capsys.readouterr().out.count("done earlier, skipped") == 5  # split, judge, 3 other cells
+    assert {p: (cell / p).stat().st_mtime_ns for p in kept} == kept
+    after = json.loads((cell / "eval/preference.json").read_text())
+    assert (after["accuracy"], after["ties"], after["pairs"]) == (before["accuracy"], before["ties"], before["pairs"])
+    marker = json.loads((cell / "DONE.json").read_text())
+    assert marker["preference"] == before["accuracy"] and marker["seconds"]["train"] == 0.0
 
 
 def test_changed_settings_are_refused_and_another_judge_rejudges(hh_run, capsys):
@@ -235,7 +259,9 @@ def test_qa_feedback_dpo_on_pairs_and_rlhf(tiny_model_dir, tmp_path, capsys):
     assert rl["method"] == "rlhf" and rl["criteria"]["helpful"]["n"] == 4
     table = (out / "table2.md").read_text()
     assert "QA-feedback helpful win & tie (%) ↑" in table
-    assert table_row(table, "ulma") == ["ulma", "missing", "missing"]
+    assert table_row(table, "ulma") == ["ulma", "missing", "missing", "missing"]
+    pref = json.loads((out / "cells/qa_feedback/rlhf/seed0/eval/preference.json").read_text())
+    assert (pref["pairs"], pref["meta"]["method"]) == (4, "rlhf")  # corrected answer > prediction 1, 4 test questions
 
 
 def test_dpo_is_not_applicable_without_pairs(tiny_model_dir, tmp_path, capsys):
@@ -287,6 +313,23 @@ def test_claim_verdicts_from_intervals():
     v = verdicts(runs("negative_dpo", "hh", [0.5, 0.7, 0.9]) + runs("unlearning", "hh", [0.45, 0.65, 0.85]))
     assert [o.result for o in v["(e)"].outcomes] == ["better", "even"]
     assert v["(a)"].verdict == v["(b)"].verdict == v["(c)"].verdict == NOT_RUN
+
+
+def test_preference_accuracy_joins_the_comparisons_once_measured():
+    def with_pref(results, accuracy, ci):
+        for r, a in zip(results, accuracy):
+            r.preference, r.preference_ci = a, ci
+        return results
+
+    # one run each: bootstrap intervals over pairs, apart ([0.70, 0.80] vs [0.45, 0.55]); win & tie overlap
+    ulma = with_pref(runs("ulma", "hh", [0.6]), [0.75], [0.70, 0.80])
+    kto = with_pref(runs("kto", "hh", [0.6]), [0.50], [0.45, 0.55])
+    ulma[0].criteria["harmless"]["ci"] = kto[0].criteria["harmless"]["ci"] = {"win_tie": [0.5, 0.7]}
+    v = verdicts(ulma + kto)["(vs kto)"]
+    assert [(o.metric, o.result) for o in v.outcomes] == [("win & tie", "even"), ("perplexity", "even"),
+                                                           ("preference accuracy", "better")]
+    assert v.verdict == EVEN and "preference accuracy: 1 for, 0 against, 0 overlapping of 1" in v.details
+    assert verdicts(ulma + with_pref(runs("bco", "hh", [0.6]), [0.9], [0.85, 0.95]))["(vs bco)"].verdict == CONTRADICTED
 
 
 def test_claim_b_needs_equal_on_pairs_and_better_on_pointwise():

@@ -1,4 +1,4 @@
-"""``ulma eval perplexity|generate|judge|agreement`` and ``ulma report``: thin parsing
+"""``ulma eval perplexity|preference|generate|judge|agreement`` and ``ulma report``: thin parsing
 that calls :mod:`ulma.evaluation`.  Exit codes: 0 done, 2 bad input, 3 the evaluation
 could not go on (e.g. the judge endpoint is down; finished work is kept), 130 interrupted."""
 
@@ -27,6 +27,18 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=_positive, default=None,
                    help="rows per forward pass (default: as train.forward_batch_size, 32 on CUDA, 8 elsewhere)")
     p.set_defaults(handler=_guard(cmd_perplexity))
+
+    f = esub.add_parser("preference", help="preference accuracy on pairs humans ordered: how often the model's "
+                        "log pi - log pi_ref is higher for the preferred answer (no judge needed)")
+    _model_args(f)
+    _data_args(f)
+    f.add_argument("--reference", help="the reference model (default: an adapter's base, or the model a run "
+                   "was trained from)")
+    f.add_argument("--max-length", type=_positive, default=1024,
+                   help="prompt + response tokens (the prompt is cut from the left)")
+    f.add_argument("--batch-size", type=_positive, default=None,
+                   help="rows per forward pass (default: as train.forward_batch_size, 32 on CUDA, 8 elsewhere)")
+    f.set_defaults(handler=_guard(cmd_preference))
 
     g = esub.add_parser("generate", help="answer each prompt (one per prompt, with its reference answer); resumes")
     _model_args(g)
@@ -179,6 +191,34 @@ def cmd_perplexity(args) -> int:
     print(f"perplexity {summary['perplexity']:.4f} (95% bootstrap [{lo:.4f}, {hi:.4f}]) over {summary['tokens']} "
           f"tokens of {summary['examples']} responses in {summary['seconds']} s "
           f"-> {out}/perplexity.json, {out}/logps.jsonl")
+    return 0
+
+
+def cmd_preference(args) -> int:
+    from ulma.config import TrainConfig
+    from ulma.evaluation.examples import human_pairs
+    from ulma.evaluation.loading import load_model, reference_model, resolve_model, run_meta
+    from ulma.evaluation.preference import pair_logps, write_preference
+
+    spec, data, out = _model_and_data(args)
+    pairs = human_pairs(data, args.limit, args.split_seed)
+    if not pairs:
+        raise ValueError("no pairs that humans ordered in the data selection (pair rows, or point-wise rows "
+                         "with two different labels for one prompt)")
+    reference = args.reference or reference_model(spec)
+    t0, logps, tokenizer = time.perf_counter(), {}, None
+    for name, which in (("policy", spec), ("reference", resolve_model(reference))):
+        model, tok = load_model(which, args.dtype)
+        tokenizer = tokenizer or tok  # the policy's tokenizer for both: the same token ids
+        rows = args.batch_size or TrainConfig().forward_rows(next(model.parameters()).device.type)
+        logps[name] = pair_logps(model, tokenizer, pairs, max_length=args.max_length, batch_size=rows,
+                                 progress=not args.no_progress)
+        del model  # one model in memory at a time
+    s = write_preference(logps["policy"], logps["reference"], out, meta={**run_meta(spec, data.name),
+                         "reference": reference}, about=data.about, seconds=time.perf_counter() - t0)
+    lo, hi = s["ci"]
+    print(f"preference accuracy {s['accuracy']:.4f} (95% bootstrap [{lo:.4f}, {hi:.4f}], ties {s['ties']:.4f}) over "
+          f"{s['pairs']} pairs against {reference} in {s['seconds']} s -> {out}/preference.json")
     return 0
 
 

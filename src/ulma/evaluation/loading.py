@@ -82,6 +82,18 @@ def _run_config(run_dir: Path) -> dict | None:
     return read_json(results).get("config") if results.exists() else None
 
 
+def reference_model(spec: ModelSpec) -> str:
+    """The model ``spec`` was trained from (an adapter's base, a run's ``model.name_or_path``):
+    the reference of its implicit reward; a ValueError when nothing names it."""
+    if spec.kind == "adapter":
+        return spec.base
+    name = ((spec.run_config or {}).get("model") or {}).get("name_or_path")
+    if not name:
+        raise ValueError(f"{spec.folder}: no reference model known (not an adapter, not a run folder); "
+                         "pass --reference MODEL, the model it was trained from")
+    return name
+
+
 def load_model(spec: ModelSpec, dtype: str = "float32", device: str | None = None):
     """(model in eval mode, tokenizer) for ``spec``; an adapter is merged into its base."""
     from transformers import AutoModelForCausalLM

@@ -40,6 +40,8 @@ class RunResult:
     perplexity_ci: list | None = None
     criteria: dict = field(default_factory=dict)  # criterion -> rates + "ci" (as in judge_summary.json)
     agreement: dict | None = None
+    preference: float | None = None  # preference accuracy on human pairs (preference.json)
+    preference_ci: list | None = None
 
 
 @dataclass
@@ -68,17 +70,18 @@ def load_result(folder: str | Path) -> RunResult:
     folder = Path(folder)
     if (folder / "eval").is_dir():
         folder = folder / "eval"
-    files = {name: folder / f"{name}.json" for name in ("perplexity", "judge_summary", "agreement")}
+    files = {name: folder / f"{name}.json" for name in ("perplexity", "judge_summary", "agreement", "preference")}
     found = {name: read_json(p) for name, p in files.items() if p.exists()}
     if not found:
-        raise FileNotFoundError(f"{folder}: no perplexity.json, judge_summary.json or agreement.json "
-                                "(run `ulma eval perplexity|judge` first)")
-    meta = {**found.get("agreement", {}), **found.get("judge_summary", {}), **found.get("perplexity", {}).get("meta", {})}
-    ppl = found.get("perplexity", {})
+        raise FileNotFoundError(f"{folder}: no perplexity.json, judge_summary.json, agreement.json or "
+                                "preference.json (run `ulma eval perplexity|preference|judge` first)")
+    meta = {**found.get("agreement", {}), **found.get("judge_summary", {}),
+            **found.get("preference", {}).get("meta", {}), **found.get("perplexity", {}).get("meta", {})}
+    ppl, pref = found.get("perplexity", {}), found.get("preference", {})
     return RunResult(
         str(folder), meta.get("method") or "base", meta.get("dataset") or "data", meta.get("seed"),
         ppl.get("perplexity"), ppl.get("ci"), found.get("judge_summary", {}).get("criteria", {}),
-        found.get("agreement"),
+        found.get("agreement"), pref.get("accuracy"), pref.get("ci"),
     )
 
 
@@ -107,6 +110,10 @@ def perplexity_cell(runs, confidence=0.95) -> Cell:
     return _cell(runs, lambda r: r.perplexity, lambda r: r.perplexity_ci, confidence)
 
 
+def preference_cell(runs, confidence=0.95) -> Cell:
+    return _cell(runs, lambda r: r.preference, lambda r: r.preference_ci, confidence)
+
+
 def rate_cell(runs, criterion: str, rate: str, confidence=0.95) -> Cell:
     return _cell(runs, lambda r: r.criteria.get(criterion, {}).get(rate),
                  lambda r: r.criteria.get(criterion, {}).get("ci", {}).get(rate), confidence)
@@ -133,15 +140,18 @@ class TableLayout:
 
 def markdown(results: list[RunResult], criteria: dict | None = None, confidence: float = 0.95,
              layout: TableLayout | None = None) -> str:
-    """The paper's layout (method x data set: perplexity, harmless / helpful win & tie),
-    then the win / tie / lose rates, then the judge's agreement with humans if measured.
+    """The paper's layout (method x data set: perplexity, harmless / helpful win & tie, and the
+    preference accuracy on human pairs where any run measured it), then the win / tie / lose
+    rates, then the judge's agreement with humans if measured.
     ``layout`` fixes the rows and columns (see :class:`TableLayout`)."""
     groups = group([r for r in results if r.perplexity is not None or r.criteria])  # not agreement-only folders
     methods, datasets = (layout.methods, layout.datasets) if layout else _ordered(groups)
     crit = {d: (criteria or {}).get(d, default_criterion(d)) for d in datasets}
     names = layout.names if layout else {}
+    pref = any(r.preference is not None for r in results)
     head = ["method"] + [h for d in datasets for h in (f"{names.get(d, d)} perplexity ↓",
-                                                        f"{names.get(d, d)} {crit[d]} win & tie (%) ↑")]
+                                                        f"{names.get(d, d)} {crit[d]} win & tie (%) ↑")
+                         + ((f"{names.get(d, d)} preference accuracy (%) ↑",) if pref else ())]
     lines = [_row(head), _row(["---"] * len(head))]
     for m in methods:
         cells = [layout.labels.get(m, m) if layout else m]
@@ -149,6 +159,7 @@ def markdown(results: list[RunResult], criteria: dict | None = None, confidence:
             runs = groups.get((m, d), [])
             values = [perplexity_cell(runs, confidence).format(1, 2),
                       rate_cell(runs, crit[d], "win_tie", confidence).format(100, 1)]
+            values += [preference_cell(runs, confidence).format(100, 1)] if pref else []
             cells += [_mark(v, m, d, runs, layout) for v in values]
         lines.append(_row(cells))
     lines += ["", "Win / tie / lose against the reference answer (%):", ""] + _wtl_table(groups, crit, confidence)
@@ -158,6 +169,9 @@ def markdown(results: list[RunResult], criteria: dict | None = None, confidence:
     pct = round(confidence * 100)
     lines += ["", f"`a ± h`: {pct}% t-interval over training runs (seeds); `a [lo, hi]`: {pct}% bootstrap "
               "interval over prompts (one run); –: not measured. Unparseable judge answers are left out of the rates."]
+    if pref:
+        lines[-1] += (" Preference accuracy: the share of the test split's human pairs where the policy's "
+                      "log pi - log pi_ref is higher for the preferred answer (ties count as wrong; chance 50%).")
     if layout:
         lines[-1] += " missing: not run (yet); n/a: the method cannot run on this data set."
     return "\n".join(lines) + "\n"

@@ -9,8 +9,8 @@
 - *worse* when the same holds the other way;
 - *even* otherwise; *missing* when either has no result.
 
-A claim gathers comparisons (both metrics: the judge's win & tie, higher is better, and
-perplexity, lower is better) and is **supported** when every comparison that could be made
+A claim gathers comparisons (every metric measured: the judge's win & tie, higher is better;
+perplexity, lower is better; preference accuracy on human pairs, higher is better) and is **supported** when every comparison that could be made
 goes its way, **contradicted** when any goes against it, **not distinguishable at this size**
 otherwise, and **not run** when none could be made.
 
@@ -26,7 +26,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ulma.evaluation.report import default_criterion, group, perplexity_cell, rate_cell
+from ulma.evaluation.report import default_criterion, group, perplexity_cell, preference_cell, rate_cell
 from ulma.evaluation.winrates import t_interval
 from ulma.reproduce.experiments import MAIN_METHODS, PAIR_SLOTS, POINTWISE_SLOTS
 
@@ -36,22 +36,27 @@ SUPPORTED_WHERE_RUN = "supported where run"  # every comparison made goes its wa
 
 @dataclass(frozen=True)
 class Metric:
-    name: str  # "win_tie" | "perplexity"
+    name: str  # "win_tie" | "perplexity" | "preference"
     higher_better: bool
     label: str
 
     def value(self, r) -> float | None:
         if self.name == "perplexity":
             return r.perplexity
+        if self.name == "preference":
+            return r.preference
         return r.criteria.get(default_criterion(r.dataset), {}).get("win_tie")
 
     def cell(self, runs: list, confidence: float):
         if self.name == "perplexity":
             return perplexity_cell(runs, confidence)
+        if self.name == "preference":
+            return preference_cell(runs, confidence)
         return rate_cell(runs, default_criterion(runs[0].dataset), "win_tie", confidence) if runs else None
 
 
-METRICS = (Metric("win_tie", True, "win & tie"), Metric("perplexity", False, "perplexity"))
+METRICS = (Metric("win_tie", True, "win & tie"), Metric("perplexity", False, "perplexity"),
+           Metric("preference", True, "preference accuracy"))
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,8 @@ class Evidence:
         self.names = {slot: n for slot, n in names.items() if n}  # slot -> data set name (run at this scale)
         self.confidence = confidence
         self.at_chance = at_chance or set()  # data sets whose judge is not better than chance
+        measured = any(r.preference is not None for rs in self.groups.values() for r in rs)
+        self.metrics = [m for m in METRICS if m.name != "preference" or measured]  # older runs lack it
 
     def runs(self, method: str, dataset: str) -> list:
         return self.groups.get((method, dataset), [])
@@ -166,7 +173,7 @@ class Evidence:
         return [self.names[s] for s in slots if s in self.names]
 
     def outcomes(self, a: str, b: str, datasets: list[str]) -> list[Outcome]:
-        return [Outcome(d, a, b, m.label, self._compare(a, b, d, m)) for d in datasets for m in METRICS]
+        return [Outcome(d, a, b, m.label, self._compare(a, b, d, m)) for d in datasets for m in self.metrics]
 
     def _compare(self, a: str, b: str, dataset: str, metric: Metric) -> str:
         result = compare(self.runs(a, dataset), self.runs(b, dataset), metric, self.confidence)
@@ -206,7 +213,7 @@ def claim_c(ev: Evidence) -> Verdict:
     text = "ULMA's gain over the other methods is larger on Golden HH than on HH (better positives)"
     if "golden_hh" not in ev.names or "hh" not in ev.names:
         return Verdict("(c)", text, NOT_RUN, "It needs Golden HH and HH (Golden HH is on the hub: paper scale).")
-    outs = [Outcome("golden_hh - hh", "ulma gain", "", m.label, _gain_growth(ev, m)) for m in METRICS]
+    outs = [Outcome("golden_hh - hh", "ulma gain", "", m.label, _gain_growth(ev, m)) for m in ev.metrics]
     details = "; ".join(f"{o.metric}: {o.result}" for o in outs) + " (t-interval over seeds of the gain difference)."
     return Verdict("(c)", text, beats(outs), details, outs)
 
@@ -242,8 +249,16 @@ def claim_e(ev: Evidence) -> Verdict:
     return Verdict("(e)", "on negatives only, Negative DPO beats Unlearning", beats(outs), tally(outs), outs)
 
 
+def versus(ev: Evidence, other: str) -> Verdict:
+    """ULMA against a point-wise method the paper did not compare with (KTO, BCO), on every data set."""
+    outs = ev.outcomes("ulma", other, ev.datasets(("hh", "golden_hh", "red_team", "qa_feedback")))
+    return Verdict(f"(vs {other})", f"ULMA beats {other.upper()} (not a claim of the paper)", beats(outs),
+                   tally(outs), outs)
+
+
 def judge_claims(results: list, names: dict, confidence: float = 0.95, at_chance: set | None = None) -> list[Verdict]:
-    """Verdicts on (a)-(e) from RunResults; ``names``: slot -> the data set run in it (or None);
-    ``at_chance``: data sets whose judge is not better than chance (its win rates are not used)."""
+    """Verdicts on (a)-(e), then ULMA vs KTO and BCO, from RunResults; ``names``: slot -> the data
+    set run in it (or None); ``at_chance``: data sets whose judge is not better than chance (its
+    win rates are not used)."""
     ev = Evidence(results, names, confidence, at_chance)
-    return [claim_a(ev), claim_b(ev), claim_c(ev), claim_d(ev), claim_e(ev)]
+    return [claim_a(ev), claim_b(ev), claim_c(ev), claim_d(ev), claim_e(ev), versus(ev, "kto"), versus(ev, "bco")]

@@ -44,6 +44,7 @@ class Context:
     _judges: dict = field(default_factory=dict)
     _memos: dict = field(default_factory=dict)  # a released reward judge's scores, by data set
     _tests: dict = field(default_factory=dict)
+    _references: dict = field(default_factory=dict)  # the reference model's log-probs of the human pairs
 
     def data_dir(self, ds) -> Path:
         return self.out / "data" / ds.name
@@ -72,6 +73,23 @@ class Context:
             about = {"source": ds.source, "path": ds.path, "options": ds.options, "split": "test", "file": str(path)}
             self._tests[ds.name] = EvalData(read_part(self.data_dir(ds), "test", ds.kind), ds.name, [], about)
         return self._tests[ds.name]
+
+    def human_pairs(self, ds) -> list:
+        """Every pair of the test split that humans ordered (what preference accuracy is measured on)."""
+        from ulma.evaluation.examples import human_pairs
+
+        return human_pairs(self.test_data(ds), None, self.scale.split.seed)
+
+    def reference_pair_logps(self, ds) -> dict:
+        """The reference model's (the policies' base) log-probs of :meth:`human_pairs`, once per data set."""
+        if ds.name not in self._references:
+            from ulma.evaluation.loading import load_model, resolve_model
+            from ulma.evaluation.preference import pair_logps
+
+            model, tokenizer = load_model(resolve_model(self.scale.policy.model))
+            self._references[ds.name] = pair_logps(model, tokenizer, self.human_pairs(ds), max_length=self.max_length(ds),
+                                                   batch_size=self.scale.eval.batch_size, progress=self.progress)
+        return self._references[ds.name]
 
     def reward_judge_config(self, ds):
         from ulma.evaluation.config import RewardJudgeConfig

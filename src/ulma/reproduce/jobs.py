@@ -8,14 +8,15 @@ Layout of ``OUT``::
     rlhf_reward/<ds>/seed<k>/  RLHF's reward model, trained on the policy's training split
     cells/<ds>/<method>/seed<k>/   one training run (config.yaml, metrics.jsonl, results.json,
                                final/) and its evaluation in eval/ (perplexity.json,
-                               generations.jsonl, judge_summary.json); DONE.json
+                               preference.json, generations.jsonl, judge_summary.json); DONE.json
 
 Each job writes ``DONE.json`` last (atomically), holding the settings it was made with.
 A job whose marker exists is skipped; one made with other settings is an error (use
 another ``--out``).  An unfinished job is redone cleanly: its training starts over (or
 resumes from its newest checkpoint when it has one), its evaluation files, each written
 whole, are kept, and generation resumes from its partial log.  A cell whose marker names
-another judge keeps its model and generations and is judged again.
+another judge keeps its model and generations and is judged again; one that lacks an
+evaluation file (made by an older ulma) keeps the rest and computes that file.
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ class RewardJob(Job):
 
 
 class CellJob(Job):
-    """One (method, data set, seed): train, then perplexity of the test positives, greedy
-    answers to the test prompts, and the judge's verdicts against the reference answers."""
+    """One (method, data set, seed): train, then perplexity of the test positives, preference
+    accuracy on the test split's human pairs, greedy answers to the test prompts, and the
+    judge's verdicts against the reference answers."""
 
     kind = "cell"
 
@@ -209,9 +211,12 @@ class CellJob(Job):
         return {"train": fingerprint(self.config()), "eval": evaluation}
 
     def done(self) -> bool:
-        """Finished, and judged by this run's judge (a cell judged by another is judged again)."""
+        """Finished, evaluated in full and judged by this run's judge (a cell judged by another is
+        judged again)."""
         m = self.marker()
-        return m is not None and (m.get("inapplicable") is not None or m.get("judge") == self.ctx.judge_key(self.ds))
+        if m is None or m.get("inapplicable") is not None:
+            return m is not None
+        return m.get("judge") == self.ctx.judge_key(self.ds) and (self.folder / "eval/preference.json").exists()
 
     def inapplicable(self) -> str | None:
         """Why the method cannot run on this data (DPO on point-wise data without pairs), or None."""
@@ -257,51 +262,70 @@ class CellJob(Job):
             self.folder.mkdir(parents=True, exist_ok=True)
             self.finish(inapplicable=reason, judge=None)
             return f"n/a: {reason}"
-        times = {}
-        if self.marker() is not None:  # finished, but judged by another judge: judge again, keep the rest
-            for name in (MARKER, "eval/judge_summary.json", "eval/judgments.jsonl"):
+        marker, times = self.marker(), {}
+        if marker is not None and marker.get("judge") != self.ctx.judge_key(self.ds):  # judged by another judge
+            for name in ("eval/judge_summary.json", "eval/judgments.jsonl"):
                 (self.folder / name).unlink(missing_ok=True)
-        else:
-            self.ctx.free_accelerator()
-            times["train"] = train_in(self.ctx, self.config(), self.folder, self._launcher())
-            times.update(self._evaluate())
-            self.ctx.free_accelerator()  # the policy is gone; the judge loads
+        (self.folder / MARKER).unlink(missing_ok=True)
+        self.ctx.free_accelerator()
+        times["train"] = train_in(self.ctx, self.config(), self.folder, self._launcher())  # 0 s when trained
+        times.update(self._evaluate())  # only the files that are missing
+        self.ctx.free_accelerator()  # the policy is gone; the judge loads
         times["judge"], summary = self._judge()
         ppl = read_json(self.folder / "eval" / "perplexity.json")["perplexity"]
+        pref = read_json(self.folder / "eval" / "preference.json")["accuracy"]
         crit = default_criterion(self.ds.name)
         rates = summary["criteria"][crit]
         times = {k: round(v, 1) for k, v in times.items()}
         steps = read_json(self.folder / "results.json").get("steps")
         self.finish(judge=self.ctx.judge_key(self.ds), seconds=times, steps=steps, perplexity=ppl,
-                    win_tie=rates["win_tie"])
+                    win_tie=rates["win_tie"], preference=pref)
         spent = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
-        return f"perplexity {ppl:.2f}, {crit} win {rates['win']:.3f} tie {rates['tie']:.3f} ({spent})"
+        acc = "n/a" if pref is None else f"{pref:.3f}"
+        return (f"perplexity {ppl:.2f}, preference accuracy {acc}, {crit} win {rates['win']:.3f} "
+                f"tie {rates['tie']:.3f} ({spent})")
 
     def _evaluate(self) -> dict:
-        """Perplexity and generations (each file written whole; generation resumes)."""
+        """Perplexity, preference accuracy and generations, each only if its file is missing (each
+        written whole; generation resumes).  The reference model scores the human pairs after the
+        policy is gone, so that one model is in memory at a time."""
         from ulma.evaluation.generate import GenerateConfig, generate_file
         from ulma.evaluation.loading import load_model, resolve_model, run_meta
         from ulma.evaluation.perplexity import write_perplexity
+        from ulma.evaluation.preference import pair_logps, write_preference
         from ulma.evaluation.examples import positives, references
 
         ev, ctx, e, seed = self.folder / "eval", self.ctx, self.ctx.scale.eval, self.ctx.scale.split.seed
-        if (ev / "perplexity.json").exists() and (ev / "generations.jsonl").exists():
+        todo = [n for n in ("perplexity.json", "preference.json", "generations.jsonl") if not (ev / n).exists()]
+        if not todo:
             return {}
         spec = resolve_model(str(self.folder))
         model, tokenizer = load_model(spec)
-        test, meta, times = ctx.test_data(self.ds), run_meta(spec, self.ds.name), {}
+        test, meta, times, policy = ctx.test_data(self.ds), run_meta(spec, self.ds.name), {}, None
         t0 = time.perf_counter()
-        if not (ev / "perplexity.json").exists():
+        if "perplexity.json" in todo:
             write_perplexity(model, tokenizer, positives(test, e.perplexity_limit, seed), ev, meta=meta,
                              about=test.about, max_length=ctx.max_length(self.ds), batch_size=e.batch_size,
                              progress=ctx.progress)
             times["perplexity"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        gen = GenerateConfig(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                             max_prompt_length=e.max_prompt_length)
-        generate_file(model, tokenizer, references(test, e.generate_limit, seed), ev / "generations.jsonl", gen,
-                      {**meta, "data": test.about}, progress=ctx.progress)
-        times["generate"] = time.perf_counter() - t0
+        if "preference.json" in todo:
+            policy = pair_logps(model, tokenizer, ctx.human_pairs(self.ds), max_length=ctx.max_length(self.ds),
+                                batch_size=e.batch_size, progress=ctx.progress)
+            times["preference"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if "generations.jsonl" in todo:
+            gen = GenerateConfig(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                 max_prompt_length=e.max_prompt_length)
+            generate_file(model, tokenizer, references(test, e.generate_limit, seed), ev / "generations.jsonl", gen,
+                          {**meta, "data": test.about}, progress=ctx.progress)
+            times["generate"] = time.perf_counter() - t0
+        del model
+        if policy is not None:
+            t0 = time.perf_counter()
+            reference = ctx.reference_pair_logps(self.ds)  # the first cell of a data set computes it
+            times["preference"] += time.perf_counter() - t0
+            write_preference(policy, reference, ev, meta=meta, about=test.about, seconds=times["preference"])
         return times
 
     def _judge(self) -> tuple[float, dict]:

@@ -162,7 +162,7 @@ def write_report(ctx: Context, tables: list, seeds: int) -> Path:
         sections.append(text)
     names = {slot: (None if ds.unavailable else ds.name) for slot, ds in ctx.slots.items()}
     verdicts = judge_claims(results, names, at_chance=judges_at_chance(ctx))
-    sections.append("## The paper's claims\n\n" + "\n".join(v.line() for v in verdicts) + "\n")
+    sections.append("## The paper's claims, and ULMA against KTO and BCO\n\n" + "\n".join(v.line() for v in verdicts) + "\n")
     sections.append(timings(markers, ctx.out))
     atomic_write_json(ctx.out / "claims.json", [{**dataclasses.asdict(v), "outcomes": [dataclasses.asdict(o) for o in
                                                                                        v.outcomes]} for v in verdicts])
