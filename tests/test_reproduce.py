@@ -332,6 +332,30 @@ def test_preference_accuracy_joins_the_comparisons_once_measured():
     assert verdicts(ulma + with_pref(runs("bco", "hh", [0.6]), [0.9], [0.85, 0.95]))["(vs bco)"].verdict == CONTRADICTED
 
 
+def test_one_run_each_is_compared_pair_by_pair_on_preference():
+    # 100 human pairs: A ranks 60 right, B the same but 10 of A's right ones wrong (B never right where A is not).
+    # Intervals over pairs overlap (~[0.50, 0.70] vs ~[0.40, 0.60]); the per-pair differences are +1 on 10 pairs
+    # and 0 on 90: mean 0.10, bootstrap interval about [0.05, 0.16], which excludes 0.
+    a_right = [1] * 60 + [0] * 40
+    b_right = [0] * 10 + [1] * 50 + [0] * 40
+    from ulma.reproduce.claims import METRICS, compare, paired_interval
+
+    lo, hi = paired_interval(a_right, b_right)
+    assert 0.03 <= lo <= 0.07 and 0.13 <= hi <= 0.17
+    pref = METRICS[2]
+
+    def one(method, right):
+        r = runs(method, "hh", [0.5])[0]
+        r.preference, r.preference_correct = sum(right) / len(right), right
+        r.preference_ci = [r.preference - 0.1, r.preference + 0.1]  # overlapping
+        return [r]
+
+    assert compare(one("ulma", a_right), one("kto", b_right), pref) == "better"
+    assert compare(one("kto", b_right), one("ulma", a_right), pref) == "worse"
+    assert compare(one("ulma", a_right), one("kto", a_right[::-1]), pref) == "even"  # 60 vs 60, shuffled
+    assert compare(one("ulma", a_right), one("kto", [1] * 30 + [0] * 20), pref) == "even"  # 50 pairs: not the same
+
+
 def test_claim_b_needs_equal_on_pairs_and_better_on_pointwise():
     names = {"hh": "hh", "golden_hh": None, "red_team": "pyrit", "qa_feedback": None}
     equal = runs("pointwise_dpo", "hh", [0.5, 0.6, 0.55]) + runs("dpo", "hh", [0.52, 0.58, 0.56])

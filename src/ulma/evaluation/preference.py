@@ -40,11 +40,11 @@ def preference_accuracy(policy: dict, reference: dict, confidence: float = 0.95,
     margin = ((np.asarray(policy["chosen"]) - np.asarray(reference["chosen"]))
               - (np.asarray(policy["rejected"]) - np.asarray(reference["rejected"])))
     if len(margin) == 0:
-        return {"accuracy": None, "ties": None, "pairs": 0, "ci": None, "mean_margin": None}
+        return {"accuracy": None, "ties": None, "pairs": 0, "ci": None, "mean_margin": None, "correct": []}
     right = (margin > 0).astype(float)
     return {"accuracy": float(right.mean()), "ties": float((margin == 0).mean()), "pairs": int(len(margin)),
             "ci": list(bootstrap_interval((right,), np.mean, confidence, seed=seed)),
-            "mean_margin": float(margin.mean())}
+            "mean_margin": float(margin.mean()), "correct": right.astype(int).tolist()}  # per pair: paired tests
 
 
 def write_preference(policy: dict, reference: dict, out: Path, *, meta: dict, about: dict,

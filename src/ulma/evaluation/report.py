@@ -42,6 +42,7 @@ class RunResult:
     agreement: dict | None = None
     preference: float | None = None  # preference accuracy on human pairs (preference.json)
     preference_ci: list | None = None
+    preference_correct: list | None = None  # per pair, 1 if ranked as the humans did (the same pairs in every cell)
 
 
 @dataclass
@@ -81,7 +82,7 @@ def load_result(folder: str | Path) -> RunResult:
     return RunResult(
         str(folder), meta.get("method") or "base", meta.get("dataset") or "data", meta.get("seed"),
         ppl.get("perplexity"), ppl.get("ci"), found.get("judge_summary", {}).get("criteria", {}),
-        found.get("agreement"), pref.get("accuracy"), pref.get("ci"),
+        found.get("agreement"), pref.get("accuracy"), pref.get("ci"), pref.get("correct"),
     )
 
 

@@ -5,7 +5,9 @@
 - *better* when A's interval lies entirely on the better side of B's (95% t-intervals over
   seeds; a bootstrap interval over prompts when a method has one run), or when a paired
   comparison over the seeds both have says so (the t-interval of the per-seed differences
-  excludes 0: a paired t-test at the same level);
+  excludes 0: a paired t-test at the same level), or, with one run each, a paired bootstrap
+  over the same human pairs (preference accuracy: the interval of the mean per-pair
+  difference excludes 0);
 - *worse* when the same holds the other way;
 - *even* otherwise; *missing* when either has no result.
 
@@ -46,6 +48,10 @@ class Metric:
         if self.name == "preference":
             return r.preference
         return r.criteria.get(default_criterion(r.dataset), {}).get("win_tie")
+
+    def items(self, r) -> list | None:
+        """Per-item values of one run where a paired test over items applies (preference: per pair)."""
+        return r.preference_correct if self.name == "preference" else None
 
     def cell(self, runs: list, confidence: float):
         if self.name == "perplexity":
@@ -96,7 +102,20 @@ def compare(a: list, b: list, metric: Metric, confidence: float = 0.95) -> str:
         mean, lo, hi = t_interval(diffs, confidence)
         if lo > 0 or hi < 0:
             return "better" if sign * mean > 0 else "worse"
+    elif len(a) == len(b) == 1 and metric.items(a[0]) and len(metric.items(a[0])) == len(metric.items(b[0]) or []):
+        lo, hi = paired_interval(metric.items(a[0]), metric.items(b[0]), confidence)
+        if lo > 0 or hi < 0:  # the interval excludes 0: its sign is the difference's
+            return "better" if (lo > 0) == metric.higher_better else "worse"
     return "even"
+
+
+def paired_interval(a: list, b: list, confidence: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of mean(a - b) over items measured on both (the same pairs, in order)."""
+    import numpy as np
+
+    from ulma.evaluation.winrates import bootstrap_interval
+
+    return bootstrap_interval((np.asarray(a, float) - np.asarray(b, float),), np.mean, confidence)
 
 
 @dataclass
