@@ -142,3 +142,26 @@ def test_rows_of_one_prompt_run_widest_packed_group_first():
     table = SequenceTable(seqs)
     assert _longest_first(table, [0, 1, 2, 3, 4], by_prompt=True) == [1, 3, 0, 2, 4]
     assert _longest_first(table, [0, 1, 2, 3, 4], by_prompt=False) == [4, 1, 0, 2, 3]
+
+
+def test_eval_preference_of_a_run_uses_its_base_as_reference(runs, tiny_model_dir, tmp_path, capsys):
+    from ulma.data.schema import user_prompt
+
+    out = tmp_path / "ev"
+    assert main(["eval", "preference", str(runs["full"]), "--out", str(out), "--no-progress"]) == 2
+    assert "no pairs that humans ordered in the data selection" in capsys.readouterr().err  # one answer a prompt
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": f"No idea {i}."} for i in range(4)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    assert main(["eval", "preference", str(runs["adapter"]), "--data", str(data), "--out", str(out),
+                 "--no-progress"]) == 0
+    got = json.loads((out / "preference.json").read_text())
+    assert got["meta"]["reference"] == str(tiny_model_dir) and got["meta"]["method"] == "ulma"
+    base, tok = load_model(resolve_model(str(tiny_model_dir)))
+    policy = runs["adapter_model"]
+    right = []
+    with torch.no_grad():
+        for r in rows:
+            p = user_prompt(r["prompt"])
+            m = [direct_logp(policy, tok, p, r[k])[0] - direct_logp(base, tok, p, r[k])[0] for k in ("chosen", "rejected")]
+            right.append(int(m[0] > m[1]))
+    assert got["correct"] == right and got["accuracy"] == sum(right) / 4
