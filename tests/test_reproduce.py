@@ -355,6 +355,19 @@ def test_one_run_each_is_compared_pair_by_pair_on_preference():
     assert compare(one("ulma", a_right), one("kto", a_right[::-1]), pref) == "even"  # 60 vs 60, shuffled
     assert compare(one("ulma", a_right), one("kto", [1] * 30 + [0] * 20), pref) == "even"  # 50 pairs: not the same
 
+    # win & tie per test prompt (judgments.jsonl), paired on the prompts both were judged on
+    def judged(method, verdicts):
+        r = runs(method, "hh", [0.5])[0]
+        r.criteria["harmless"]["ci"] = {"win_tie": [0.3, 0.7]}  # overlapping
+        r.outcomes = {"harmless": {f"p{i}": v for i, v in enumerate(verdicts) if v is not None}}
+        return [r]
+
+    win = METRICS[0]
+    a = ["win"] * 30 + ["tie"] * 20 + ["lose"] * 50  # win & tie on 50 of 100 prompts
+    b = ["lose"] * 12 + a[12:]  # 12 prompts lost that A won: differences +1 on 12, 0 on 88
+    assert compare(judged("ulma", a), judged("kto", b), win) == "better"
+    assert compare(judged("ulma", a), judged("kto", [None] * 12 + a[12:]), win) == "even"  # unparseable: not paired
+
 
 def test_claim_b_needs_equal_on_pairs_and_better_on_pointwise():
     names = {"hh": "hh", "golden_hh": None, "red_team": "pyrit", "qa_feedback": None}

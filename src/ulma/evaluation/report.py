@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ulma.evaluation.io import EvalError, read_json
+from ulma.evaluation.io import EvalError, read_json, read_jsonl
 from ulma.evaluation.winrates import OUTCOMES, t_interval
 
 PAPER_ORDER = ("base", "sft", "rlhf", "ppo", "dpo", "pointwise_dpo", "pointwise_dpo_mse", "unlearning",
@@ -43,6 +43,7 @@ class RunResult:
     preference: float | None = None  # preference accuracy on human pairs (preference.json)
     preference_ci: list | None = None
     preference_correct: list | None = None  # per pair, 1 if ranked as the humans did (the same pairs in every cell)
+    outcomes: dict = field(default_factory=dict)  # criterion -> {prompt id: win | tie | lose} (judgments.jsonl)
 
 
 @dataclass
@@ -83,7 +84,20 @@ def load_result(folder: str | Path) -> RunResult:
         str(folder), meta.get("method") or "base", meta.get("dataset") or "data", meta.get("seed"),
         ppl.get("perplexity"), ppl.get("ci"), found.get("judge_summary", {}).get("criteria", {}),
         found.get("agreement"), pref.get("accuracy"), pref.get("ci"), pref.get("correct"),
+        _outcomes(folder / "judgments.jsonl"),
     )
+
+
+def _outcomes(path: Path) -> dict:
+    """criterion -> {prompt id: verdict} from a judgments.jsonl (unparseable answers left out)."""
+    if not path.exists():
+        return {}
+    out: dict = defaultdict(dict)
+    for _, row in read_jsonl(path)[0]:
+        for crit, verdict in (row.get("verdicts") or {}).items():
+            if verdict is not None:
+                out[crit][row["id"]] = verdict
+    return dict(out)
 
 
 def _cell(runs: list[RunResult], value, single_ci, confidence: float) -> Cell:

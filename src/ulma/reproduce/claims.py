@@ -6,8 +6,9 @@
   seeds; a bootstrap interval over prompts when a method has one run), or when a paired
   comparison over the seeds both have says so (the t-interval of the per-seed differences
   excludes 0: a paired t-test at the same level), or, with one run each, a paired bootstrap
-  over the same human pairs (preference accuracy: the interval of the mean per-pair
-  difference excludes 0);
+  over the items both runs were measured on (the same human pairs for preference accuracy,
+  the same test prompts for win & tie: the interval of the mean per-item difference
+  excludes 0);
 - *worse* when the same holds the other way;
 - *even* otherwise; *missing* when either has no result.
 
@@ -49,9 +50,16 @@ class Metric:
             return r.preference
         return r.criteria.get(default_criterion(r.dataset), {}).get("win_tie")
 
-    def items(self, r) -> list | None:
-        """Per-item values of one run where a paired test over items applies (preference: per pair)."""
-        return r.preference_correct if self.name == "preference" else None
+    def items(self, r) -> dict:
+        """Per-item values of one run, for a paired test over the items two runs share: per human
+        pair (preference: 1 if ranked as the humans did) or per test prompt (win & tie: 1 for a
+        win or a tie); none for perplexity."""
+        if self.name == "preference":
+            return dict(enumerate(r.preference_correct or []))
+        if self.name == "win_tie":
+            got = r.outcomes.get(default_criterion(r.dataset), {})
+            return {k: float(v in ("win", "tie")) for k, v in got.items()}
+        return {}
 
     def cell(self, runs: list, confidence: float):
         if self.name == "perplexity":
@@ -102,15 +110,19 @@ def compare(a: list, b: list, metric: Metric, confidence: float = 0.95) -> str:
         mean, lo, hi = t_interval(diffs, confidence)
         if lo > 0 or hi < 0:
             return "better" if sign * mean > 0 else "worse"
-    elif len(a) == len(b) == 1 and metric.items(a[0]) and len(metric.items(a[0])) == len(metric.items(b[0]) or []):
-        lo, hi = paired_interval(metric.items(a[0]), metric.items(b[0]), confidence)
-        if lo > 0 or hi < 0:  # the interval excludes 0: its sign is the difference's
-            return "better" if (lo > 0) == metric.higher_better else "worse"
+    elif len(a) == len(b) == 1:
+        ia, ib = metric.items(a[0]), metric.items(b[0])
+        shared = [k for k in ia if k in ib]
+        same_pairs = metric.name != "preference" or len(ia) == len(ib)  # pairs are keyed by their position
+        if shared and same_pairs:
+            lo, hi = paired_interval([ia[k] for k in shared], [ib[k] for k in shared], confidence)
+            if lo > 0 or hi < 0:  # the interval excludes 0: its sign is the difference's
+                return "better" if (lo > 0) == metric.higher_better else "worse"
     return "even"
 
 
 def paired_interval(a: list, b: list, confidence: float = 0.95) -> tuple[float, float]:
-    """Bootstrap interval of mean(a - b) over items measured on both (the same pairs, in order)."""
+    """Bootstrap interval of mean(a - b) over items measured on both (a[i] and b[i]: one item)."""
     import numpy as np
 
     from ulma.evaluation.winrates import bootstrap_interval
