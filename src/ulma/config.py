@@ -93,7 +93,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     overwrite: bool = False  # replace an earlier run in output_dir (otherwise that is an error)
     group_by_length: bool = True  # batches of similar length: less padding
-    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, one more forward per step
     fused_logps: bool = True  # output layer only at scored positions, chunked: no [N, T, V] logits (logprobs.py)
     share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py)
     bf16_frozen_weights: bool = True  # under bf16 autocast, frozen Linear weights (LoRA's base, a reference copy, PPO's reward model) kept in bf16

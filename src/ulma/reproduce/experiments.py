@@ -102,7 +102,7 @@ def cpu_data_sets() -> dict:
                                str(shared / "qa-feedback" / "dev_feedback.part.json"), {"passages": False},
                                max_length=192, note="QA-feedback: the first 400 records of the dev file "
                                "(../shared/data); the prompt is the question without its retrieved passages "
-                               "(~730 tokens at the median); positive = the human-corrected answer, negative = "
+                               "(far longer than the question); positive = the human-corrected answer, negative = "
                                "prediction 1 with marked errors; DPO gets the records that have both as pairs."),
     }
 

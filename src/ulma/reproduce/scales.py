@@ -117,7 +117,7 @@ def paper_scale() -> Scale:
 
 
 def cpu_scale() -> Scale:
-    """Table 1's HH column (7 methods x 3 seeds) in about 75 minutes on 2 CPU cores."""
+    """Table 1's HH column (7 methods x 3 seeds) shrunk to fit a 2-core CPU (timings: docs/reproduce.md)."""
     return Scale(
         name="cpu",
         policy=PolicyScale(model="smollm2-135m-instruct", lr=3e-4, warmup_ratio=0.05, micro_batch_size=8,
@@ -135,9 +135,9 @@ def cpu_scale() -> Scale:
 
 def medium_scale() -> Scale:
     """One column of Table 1 (its 7 methods plus KTO and BCO, one seed) with enough prompts and
-    steps to separate methods, in about 2 hours on 2 CPU cores with bf16 products (AMX or
+    steps to separate methods, sized for a 2-core CPU with bf16 products (AMX or
     AVX512-BF16): 480 training prompts (60 steps of 16 units for HH made point-wise), 160 test
-    prompts, and a reward-model judge on the remaining ~1,000 prompts for 2 epochs."""
+    prompts, and a reward-model judge on the remaining prompts for 2 epochs."""
     cpu = cpu_scale()
     return dataclasses.replace(
         cpu, name="medium", seeds=1,

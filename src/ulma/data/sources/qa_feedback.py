@@ -23,7 +23,7 @@ Prompt: one user turn (see :func:`format_qa_prompt`)::
     ...
 
 (a record without passages, or option ``passages=False``, gives just the ``Question:`` line:
-the passages are ~730 SmolLM2 tokens at the median, and a prompt cut from the left to fit
+the passages are far longer than the question, and a prompt cut from the left to fit
 a short ``max_length`` would lose the question, which comes first).
 
 Mapping (paper §5.1, binary point-wise):
