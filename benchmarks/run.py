@@ -64,6 +64,10 @@ LEVERS = [
     ("ulma-ulma-lora", "ulma-ulma-lora-ungrouped", "batches grouped by length"),
     ("ulma-ulma-lora", "ulma-ulma-lora-live-reference", "reference log-probs precomputed (vs a reference forward per step)"),
     ("ulma-ulma-lora", "ulma-ulma-lora-checkpointed", "no gradient checkpointing (off by default: a memory lever)"),
+    ("ulma-ulma-lora", "ulma-ulma-lora-exact-widths", "widths rounded up to a multiple of 64 (vs exact: a new "
+                                                      "shape almost every step; a memory lever)"),
+    ("ulma-ulma-lora-long", "ulma-ulma-lora-long-exact-widths", "widths rounded up to a multiple of 64, "
+                                                                "a long run (a memory lever)"),
     ("ulma-ulma-lora", "ulma-ulma-lora-unfused", "fused output layer: logits only at response tokens, chunked (LoRA)"),
     ("ulma-ulma-full", "ulma-ulma-full-unfused", "fused output layer (full fine-tuning)"),
     ("ulma-ulma-full", "ulma-ulma-full-foreach-adamw", "fused AdamW (vs the per-tensor loop), full fine-tuning"),
@@ -153,6 +157,11 @@ def precision(setting: str) -> str:
     if setting != "auto":
         return setting
     return "bf16" if bf16_is_fast(torch.device("cuda" if torch.cuda.is_available() else "cpu")) else "fp32"
+
+
+def is_long(name: str) -> bool:
+    """A workload of a run's whole length (--long-steps, on rows of its own)."""
+    return "-long" in name
 
 
 def run_one(name: str, data: Path, work: Path, steps: int, args) -> dict | None:
@@ -292,7 +301,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="steps per process not measured")
     p.add_argument("--pairs", type=int, default=48, help="HH pairs written for the workloads (ulma precomputes the reference for all of them; 48 cover 5 steps of 8)")
     p.add_argument("--long-steps", type=int, default=150,
-                   help="steps of the long-run pair (*-long), on rows of their own: long_steps x 8 / 0.8")
+                   help="steps of the long-run workloads (*-long*), on rows of their own: long_steps x 8 / 0.8")
     p.add_argument("--rows", type=int, default=32, help="rows for forward-only")
     p.add_argument("--prompts", type=int, default=32, help="prompts for generation")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -345,7 +354,7 @@ def main(argv=None) -> int:
             report["data"] = json.loads((args.data / "data.json").read_text())
         else:
             report["data"] = write_data(tmp, args.pairs, 250, args.model)
-        if any(n.endswith("-long") for pr in pairs for n in pr):  # one epoch of ulma's 80% for long_steps
+        if any(is_long(n) for pr in pairs for n in pr):  # one epoch of ulma's 80% for long_steps
             (tmp / "long").mkdir()
             report["long_data"] = write_data(tmp / "long", math.ceil(args.long_steps * MICRO / 0.8 / 2), 250, args.model)
         peak = run_one("matmul-peak", tmp, tmp, 0, args)
@@ -355,11 +364,11 @@ def main(argv=None) -> int:
             done = set()  # a workload in two pairs runs once a round
             for pair in pairs:
                 for name in (pair if r % 2 == 0 else pair[::-1]):
-                    if name in done or (r and name.endswith("-long")):
+                    if name in done or (r and is_long(name)):
                         continue
                     done.add(name)
                     steps = args.warmup + args.steps if not name.startswith(("forward", "generate")) else 0
-                    long = name.endswith("-long")
+                    long = is_long(name)
                     result = run_one(name, tmp / "long" if long else tmp, tmp, args.long_steps if long else steps, args)
                     runs.setdefault(name, []).extend([result] if result else [])
                     report["results"] = results()

@@ -88,10 +88,10 @@ class Tracer:
 
 def instrument(tracer: Tracer) -> None:
     """Wrap the Trainer's phases so that each call starts a phase named after it."""
-    from ulma import train
+    from ulma.trainer import Trainer
 
     def wrap(name, label):
-        f = getattr(train.Trainer, name)
+        f = getattr(Trainer, name)
 
         def wrapped(self, *a, **k):
             what = label(self, a) if callable(label) else label
@@ -101,14 +101,14 @@ def instrument(tracer: Tracer) -> None:
             finally:
                 tracer.phase(f"after {what}")
 
-        setattr(train.Trainer, name, wrapped)
+        setattr(Trainer, name, wrapped)
 
     wrap("__init__", "setup")
     wrap("_reference_caches", "reference pass")
     wrap("train_step", lambda self, a: f"step {a[0] + 1}")
     wrap("_evaluate", lambda self, a: f"evaluate at {a[1]}")
-    wrap("_save", lambda self, a: f"checkpoint {a[0]}")
-    wrap("_finish", "final save")
+    wrap("save", lambda self, a: f"checkpoint {a[0]}")
+    wrap("finish", "final save")
 
 
 def summarise(rows: list[dict], window: int) -> list[dict]:

@@ -113,17 +113,18 @@ def run_ulma(method: str, lora: bool, data: Path, steps: int, work: Path, **over
             "precomputed_reference": ref_train is not None, **setup_peak, **steps_peak, **param_counts(trainer.model)}
 
 
-def run_ulma_whole(method: str, lora: bool, data: Path, steps: int, work: Path) -> dict:
+def run_ulma_whole(method: str, lora: bool, data: Path, steps: int, work: Path, train: dict | None = None) -> dict:
     """A whole run as ``ulma train`` makes it, for memory over a run's length: the CLI's
     allocator settings (:func:`ulma.memory.configure`), the reference pass over the training
     and held-out rows, evaluation before and after, the final save.  A fifth of the rows is
     held out (as in the method configs), so ``data`` needs ``steps * 8 / 0.8`` rows for one
-    epoch.  Per-step seconds from the run's metrics.jsonl."""
+    epoch.  Per-step seconds from the run's metrics.jsonl.  ``train``: settings changed from
+    the benchmark's (a lever switched off)."""
     from ulma.memory import configure
     from ulma.trainer import Trainer
 
     configure()
-    cfg = ulma_config(method, lora, data, steps, work, train={"lr": 3e-4})
+    cfg = ulma_config(method, lora, data, steps, work, train={"lr": 3e-4, **(train or {})})
     cfg.data.eval_fraction, cfg.data.eval_limit = 0.2, None
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
@@ -334,6 +335,8 @@ WORKLOADS = {
                                                    train={"group_by_length": False}),
     "ulma-ulma-lora-checkpointed": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
                                                       train={"gradient_checkpointing": True}),
+    "ulma-ulma-lora-exact-widths": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
+                                                      train={"pad_to_multiple_of": 1}),
     "ulma-ulma-full-checkpointed": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
                                                       train={"gradient_checkpointing": True}),
     "ulma-ulma-full-checkpointed-compiled": lambda a: run_ulma(
@@ -373,6 +376,8 @@ WORKLOADS = {
     "trl-kto-lora": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False),
     # a run's whole length (run.py --long-steps, on rows enough for it): memory of real runs
     "ulma-ulma-lora-long": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work),
+    "ulma-ulma-lora-long-exact-widths": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work,
+                                                                 train={"pad_to_multiple_of": 1}),
     "trl-kto-lora-long": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False, learning_rate=3e-4),
     "trl-kto-full": lambda a: run_trl("kto", False, a.data, a.steps, a.work, precompute=False),
     "trl-kto-full-unclipped": lambda a: run_trl("kto", False, a.data, a.steps, a.work, precompute=False,

@@ -217,6 +217,70 @@ def test_packing_is_used_only_where_it_costs_less():
     assert pack_prompts(batch, hidden=1000)["src_pos"].tolist() == list(range(10)) + [0] + list(range(11, 20))
 
 
+def test_a_packed_row_is_padded_to_a_multiple_and_its_padding_attends_to_itself():
+    """The batch of the test above, its width padded to 16 (as pad_rows does with multiple 16),
+    at hidden 1000: packed, its one row of 21 tokens is 24 wide with multiple 8, the 3 pad
+    positions (id 0) attend to themselves only, and the scored tokens' sources do not move.
+    Costs are counted at the padded widths: 1 x 24 x 6024 = 144576 < 2 x 16 x 6016 = 192512
+    (packed); against the unpadded 11-wide rows, 2 x 11 x 6011 = 132242, it is not."""
+    from ulma.logprobs import pack_prompts
+
+    ids = torch.cat([torch.full((2, 1), 7), torch.arange(20).view(2, 10) + 10], 1)
+    mask = torch.cat([torch.zeros(2, 1, dtype=torch.bool), torch.ones(2, 10, dtype=torch.bool)], 1)
+    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 11, dtype=torch.long), "loss_mask": mask}
+    assert pack_prompts(batch, hidden=1000, multiple=8) is None
+    pad = lambda t: torch.cat([t, torch.zeros(2, 5, dtype=t.dtype)], 1)  # noqa: E731
+    pack = pack_prompts({k: pad(v) for k, v in batch.items()}, hidden=1000, multiple=8)
+    assert pack["input_ids"].tolist() == [[7] + list(range(10, 30)) + [0, 0, 0]]
+    assert pack["src_pos"].tolist() == list(range(10)) + [0] + list(range(11, 20))
+    seen = pack["attention_mask"][0, 0]
+    assert [seen[i].nonzero().flatten().tolist() for i in (21, 22, 23)] == [[21], [22], [23]]
+
+
+def test_shapes_rounded_up_to_a_multiple_change_no_result(tiny_model_dir, tokenizer):
+    """``train.pad_to_multiple_of``: the batch's width, the packed width and the number of
+    scored positions rounded up to 16 give the log-probs and trainable gradients of exact
+    shapes (whole rows and packed prompts; LoRA and full fine-tuning)."""
+    from ulma.data.schema import Turn
+    from ulma.data.tokenize import SequenceTable, Tokenizer, pad_rows
+    from ulma.logprobs import LinearTokenLogps, forward_logps
+
+    bread, hi = "How do I bake bread?", "Hi"
+    rows = [(bread, "Mix flour, water, yeast and salt, then knead and bake."), (hi, "Hello! How can I help?"),
+            (bread, "No."), ("Tell me a secret.", "No."), (hi, "Go away, I am busy with something else.")]
+    tok, table = Tokenizer(tokenizer, max_length=96), SequenceTable()
+    for prompt, response in rows:
+        tok.add(table, (Turn(role="user", content=prompt),), response, "test")
+    exact, padded = (pad_rows(table, list(range(5)), tokenizer.pad_token_id, m) for m in (1, 16))
+    longest = max(len(s.input_ids) for s in table.sequences)
+    assert exact["input_ids"].shape == (5, longest) and padded["input_ids"].shape == (5, -(-longest // 16) * 16)
+    assert torch.equal(padded["input_ids"][:, :longest], exact["input_ids"]) and not padded["loss_mask"][:, longest:].any()
+    scored = int(exact["loss_mask"][:, 1:].sum())
+    seen = []  # rows of hidden states the fused output layer is given
+    apply = LinearTokenLogps.apply
+    LinearTokenLogps.apply = lambda h, *a: (seen.append(h.shape[0]), apply(h, *a))[1]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])
+    try:
+        for lora in (True, False):
+            model = _tiny_policy(tiny_model_dir, lora)
+            for share in (True, False):
+                results, grads = [], []
+                for batch, m in ((exact, 1), (padded, 16)):
+                    model.zero_grad()
+                    out = forward_logps(model, batch, bf16=False, share_prompts=share, multiple=m)
+                    (out["sum"] * weights).sum().backward()
+                    results.append(out)
+                    grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+                assert seen[-2:] == [scored, -(-scored // 16) * 16]
+                assert torch.equal(results[0]["count"], results[1]["count"])
+                assert torch.allclose(results[0]["sum"], results[1]["sum"], rtol=1e-5, atol=1e-4)
+                for n in grads[0]:
+                    a, b = grads[0][n], grads[1][n]
+                    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), (n, share)
+    finally:
+        LinearTokenLogps.apply = apply
+
+
 def test_forward_passes_skip_cudnn_attention():
     """Every forward pass (and generation) turns cuDNN's attention off: on CUDA it builds a
     graph per new shape (2-3.8 s a LoRA step on an H100).  The backend flags PyTorch reads

@@ -226,6 +226,31 @@ def test_shared_prompts_change_no_result(tiny_model_dir, pair_file, tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
 
+def test_padding_to_a_multiple_changes_no_result(tiny_model_dir, pair_file, tmp_path):
+    """``train.pad_to_multiple_of`` (on by default, against a run's growing memory): widths of
+    every model call are multiples of it, and the reference log-probs, 3 DPO losses and the
+    adapter weights are those of exact widths (packed prompts on)."""
+    common = ["method.name=dpo", "train.max_steps=3", "train.lr=1e-3"]
+    refs, widths = [], {}
+    for m in ("16", "1"):
+        t = Trainer(tiny_cfg(tiny_model_dir, pair_file, tmp_path / m, *common, f"train.pad_to_multiple_of={m}"))
+        seen = widths.setdefault(m, [])
+        hook = t.model.get_base_model().model.register_forward_pre_hook(
+            lambda mod, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+        refs.append(t._reference_caches()[0])
+        t.run()
+        hook.remove()
+    assert widths["16"] and all(w % 16 == 0 for w in widths["16"])
+    assert any(w % 16 for w in widths["1"])  # the exact widths are not all multiples already
+    assert torch.allclose(refs[0]["sum"], refs[1]["sum"], rtol=1e-5) and torch.equal(refs[0]["count"], refs[1]["count"])
+    la, lb = ([r["loss"] for r in metrics(tmp_path / m) if "loss" in r] for m in ("16", "1"))
+    assert len(la) == 3 and la == pytest.approx(lb, rel=1e-4) and la[0] != la[2]
+    wa, wb = (load_file(tmp_path / m / "final" / "adapter_model.safetensors") for m in ("16", "1"))
+    assert wa.keys() == wb.keys() and len(wa) > 0
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
 def test_frozen_weights_in_bf16_change_no_result(tiny_model_dir, pointwise_file, tmp_path):
     """train.bf16_frozen_weights: under bf16 autocast, LoRA's frozen base Linears (and a live
     reference copy's) are stored in bf16; autocast cast them to bf16 for every product

@@ -96,6 +96,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, one more forward per step
     fused_logps: bool = True  # output layer only at scored positions, chunked: no [N, T, V] logits (logprobs.py)
     share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py)
+    pad_to_multiple_of: int = 64  # batch widths and scored-token counts rounded up to this (1: none): a few shapes
+    # instead of one per step, so a CPU run's kernel caches and heap stop growing; costs the padding's compute
     bf16_frozen_weights: bool = True  # under bf16 autocast, frozen Linear weights (LoRA's base, a reference copy, PPO's reward model) kept in bf16
     fused_optimizer: bool = True  # torch's fused AdamW (one kernel for all parameters); not under FSDP/DeepSpeed
     optimizer_in_backward: bool = False  # AdamW applied to each parameter as its gradient completes, which is then
@@ -317,6 +319,7 @@ def validate(cfg: Config) -> None:
         (t.forward_batch_size is None or t.forward_batch_size >= 1, "train.forward_batch_size", "must be >= 1 or null"),
         (t.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
         (t.log_every >= 1, "train.log_every", "must be >= 1"),
+        (t.pad_to_multiple_of >= 1, "train.pad_to_multiple_of", "must be >= 1 (1: no rounding)"),
         (t.lr > 0, "train.lr", "must be > 0"),
         (0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
         (t.epochs > 0 or t.max_steps, "train.epochs", "must be > 0 (or set train.max_steps)"),
@@ -362,7 +365,8 @@ def _validate_integrations(cfg: Config) -> None:
 # other than the default is an error rather than a setting that silently does nothing.
 _NEITHER = ("compile", "compile_backend", "compile_mode", "forward_batch_size", "share_prompts", "fused_logps",
             "optimizer_in_backward")
-UNUSED_TRAIN_KEYS = {"reward": _NEITHER, "rlhf": _NEITHER + ("gradient_checkpointing", "group_by_length")}
+UNUSED_TRAIN_KEYS = {"reward": _NEITHER,
+                     "rlhf": _NEITHER + ("gradient_checkpointing", "group_by_length", "pad_to_multiple_of")}
 
 
 def _refuse_unused(cfg: Config) -> None:

@@ -252,7 +252,7 @@ def _whole(t: torch.Tensor) -> bool:
 
 
 def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, fused: bool = True,
-                  share_prompts: bool = True, head_weight: torch.Tensor | None = None):
+                  share_prompts: bool = True, head_weight: torch.Tensor | None = None, multiple: int = 1):
     """Run ``model`` on a collated batch; returns dict(sum [N], count [N], and tokens/mask).
 
     ``fused`` (where :func:`fusable_head` allows): the output layer is applied only at the
@@ -262,15 +262,17 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     rejected -- run that prompt once (:func:`pack_prompts`).
     ``head_weight``: the output layer's weight already in the compute dtype, for a pass
     without gradients (:func:`cast_once`); the fused path then casts none.
+    ``multiple``: packed widths and the number of scored positions are rounded up to a
+    multiple of it, as the batch's width is (``train.pad_to_multiple_of``): a few shapes.
     """
     head = fusable_head(model) if fused else None
     if head is None:
         return _logits_logps(model, batch, bf16, need_tokens)
     pack = None
     if share_prompts and _can_share(model):
-        pack = pack_prompts(batch, int(getattr(_config(model), "hidden_size", 0) or 0))
+        pack = pack_prompts(batch, int(getattr(_config(model), "hidden_size", 0) or 0), multiple)
     weight = head.weight if head_weight is None else head_weight
-    return _fused_logps(model, head, weight, batch, bf16, need_tokens, pack)
+    return _fused_logps(model, head, weight, batch, bf16, need_tokens, pack, multiple)
 
 
 def _logits_logps(model, batch: dict, bf16: bool, need_tokens: bool) -> dict:
@@ -290,7 +292,8 @@ def _result(logps: torch.Tensor, mask: torch.Tensor, need_tokens: bool) -> dict:
     return out
 
 
-def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool, pack: dict | None = None) -> dict:
+def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool, pack: dict | None = None,
+                 multiple: int = 1) -> dict:
     """Log-probs from the final hidden states at the scored positions (``head``: the output
     layer, :func:`fusable_head`; ``weight``: its [V, H] weight, maybe already cast), of the
     batch's rows or of their packed form (:func:`pack_prompts`: each distinct prompt runs
@@ -309,12 +312,23 @@ def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool
         p = {k: v.to(device, non_blocking=True) for k, v in pack.items()}
         inputs = {k: p[k] for k in ("input_ids", "attention_mask", "position_ids")}
         at, targets = (p["src_row"], p["src_pos"]), p["targets"]
+    n = targets.shape[0]
+    at, targets = _repeat_first(at, targets, -n % multiple)  # scored positions of a few counts
     with autocast(device, bf16, forward_cache(model)):
         hidden = final_hidden_states(model, inputs, head)  # [rows, width, H], after the final norm
-        values = LinearTokenLogps.apply(hidden[at], weight, targets, *chunk_rows(device, weight.shape[0]))
+        values = LinearTokenLogps.apply(hidden[at], weight, targets, *chunk_rows(device, weight.shape[0]))[:n]
     mask = scored.to(device)
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)
     return _result(logps, mask, need_tokens)
+
+
+def _repeat_first(at: tuple, targets: torch.Tensor, extra: int) -> tuple:
+    """``extra`` more copies of the first scored position and its target (scored, then
+    dropped: they get no gradient)."""
+    if extra == 0 or targets.shape[0] == 0:
+        return at, targets
+    more = lambda t: torch.cat([t, t[:1].expand(extra)])  # noqa: E731
+    return tuple(more(a) for a in at), more(targets)
 
 
 def final_hidden_states(model, inputs: dict, head=None) -> torch.Tensor:
@@ -386,13 +400,14 @@ def _can_share(model) -> bool:
     return getattr(config, "_attn_implementation", None) == "sdpa" and not _sliding(config)
 
 
-def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
+def pack_prompts(batch: dict, hidden: int = 0, multiple: int = 1) -> dict | None:
     """One packed row per distinct prompt of a right-padded batch: [prompt, response_1, ...,
     response_k], each response attending to the prompt and to itself (causally), at the
     positions that continue the prompt.  None when no prompt repeats or packing would not
     shrink the batch's cost: per row, width x 6 x ``hidden`` for the matrix products (12 h^2
     multiply-adds a token against attention's 2 x width x h) plus width^2 for attention;
     ``hidden`` 0 counts tokens only.  Long packed rows make attention's quadratic part grow.
+    The packed width is rounded up to a multiple of ``multiple`` (as :func:`forward_logps`).
 
     A row's prompt is its tokens before the first scored one (``loss_mask``).  Returns CPU
     tensors: input_ids / position_ids [P, W], attention_mask [P, 1, W, W] bool (padding
@@ -410,6 +425,7 @@ def pack_prompts(batch: dict, hidden: int = 0) -> dict | None:
     length = attn.sum(1)
     groups = _prompt_groups(ids, start.tolist())
     w = max(len(k) + sum(int(length[i] - start[i]) for i in g) for k, g in groups.items())
+    w = -(-w // multiple) * multiple
     cost = lambda rows, wide: rows * wide * (6 * hidden + wide if hidden else 1)  # noqa: E731
     if len(groups) == n_rows or cost(len(groups), w) >= cost(n_rows, width):
         return None

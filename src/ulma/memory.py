@@ -5,9 +5,10 @@ PyTorch allocates every CPU tensor with ``malloc``.  glibc serves a block above 
 threshold with a mapping of its own, returned to the system when freed, and a smaller one
 from its heap, where freed blocks stay resident for reuse.  By default the threshold is
 dynamic: it rises to the size of any mapped block that is freed, up to 32 MB, so after a
-run's first steps every activation comes from the heap.  Batches of many different
-widths then leave holes that later blocks do not fit, and the heap only grows:
-``benchmarks/README.md`` ("Memory of long runs") has the trace of a 150-step run.
+run's first steps every activation comes from the heap.  Blocks of ever new sizes then
+leave holes that later blocks do not fit, and the heap only grows; ulma's batches come in a
+few widths for that reason (``train.pad_to_multiple_of``).  ``benchmarks/README.md``
+("Memory of long runs") has the traces of a 150-step run.
 """
 
 from __future__ import annotations

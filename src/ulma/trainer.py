@@ -207,7 +207,7 @@ class Trainer(Loop):
         m = self.cfg.method
         t = self.cfg.train
         out = forward_logps(self.model, batch, bf16=self.bf16, need_tokens=self.method.token_level,
-                            fused=t.fused_logps, share_prompts=t.share_prompts)
+                            fused=t.fused_logps, share_prompts=t.share_prompts, multiple=t.pad_to_multiple_of)
         policy = reduce_logps(out["sum"], out["count"], logp_reduction(self.method, m))
         ref_logps = None
         if self.method.needs_reference:
@@ -224,7 +224,8 @@ class Trainer(Loop):
         else:
             with self.reference.model() as net:
                 r = forward_logps(net, batch, bf16=self.bf16, fused=self.cfg.train.fused_logps,
-                                  share_prompts=self.cfg.train.share_prompts)
+                                  share_prompts=self.cfg.train.share_prompts,
+                                  multiple=self.cfg.train.pad_to_multiple_of)
             total, count = r["sum"], r["count"]
         dev = self.acc.device
         return reduce_logps(total.to(dev), count.to(dev), logp_reduction(self.method, m))
@@ -239,7 +240,7 @@ class Trainer(Loop):
         sums = torch.zeros(3, dtype=torch.float64, device=self.acc.device)  # loss, pos and neg loss sums
         for k, mb in enumerate(micro):
             mine, share = self._my_share(mb)
-            batch = collate(units, mine, self.pad_id, ref)
+            batch = collate(units, mine, self.pad_id, ref, t.pad_to_multiple_of)
             inp = self._inputs(batch, ref)
             losses, rewards = self.method.loss(inp, m)
             if self.method_state is not None:
@@ -373,7 +374,8 @@ class Trainer(Loop):
         size = self.cfg.train.forward_rows(self.acc.device.type)
         out = table_logps(net, table, self.pad_id, size, self.bf16, rows=list(range(rank, len(table), world)),
                           desc=desc, progress=show, min_batches=math.ceil(math.ceil(len(table) / world) / size),
-                          fused=self.cfg.train.fused_logps, share_prompts=self.cfg.train.share_prompts)
+                          fused=self.cfg.train.fused_logps, share_prompts=self.cfg.train.share_prompts,
+                          multiple=self.cfg.train.pad_to_multiple_of)
         if world > 1:
             out = {k: self.acc.reduce(v.to(self.acc.device), "sum").cpu() for k, v in out.items()}
         return out

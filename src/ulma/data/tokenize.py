@@ -274,8 +274,9 @@ def build_units(
 # ---------------------------------------------------------------------- batches
 
 
-def collate(units: Units, idx: list[int], pad_id: int, ref: dict | None = None) -> dict:
-    """Pad the units ``idx`` into one batch (right padding).
+def collate(units: Units, idx: list[int], pad_id: int, ref: dict | None = None, multiple: int = 1) -> dict:
+    """Pad the units ``idx`` into one batch (right padding, to a width that is a multiple of
+    ``multiple``: :func:`pad_rows`).
 
     Pairs are flattened as [chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]; units with
     ``kl_rows`` get their mismatched rows last, [unit rows..., kl_0..kl_{B-1}].
@@ -286,7 +287,7 @@ def collate(units: Units, idx: list[int], pad_id: int, ref: dict | None = None) 
     """
     cols = list(zip(*[units.rows[i] for i in idx]))  # one tuple per position in the unit
     rows = [r for col in cols for r in col] + [units.kl_rows[i] for i in idx if units.kl_rows]
-    batch = pad_rows(units.table, rows, pad_id)
+    batch = pad_rows(units.table, rows, pad_id, multiple)
     batch["labels"] = torch.tensor([units.labels[i] for i in idx], dtype=torch.float32)
     batch["positive"] = torch.tensor([units.positive[i] for i in idx], dtype=torch.bool)
     batch["weight"] = torch.tensor([units.weight(i) for i in idx], dtype=torch.float32)
@@ -296,9 +297,12 @@ def collate(units: Units, idx: list[int], pad_id: int, ref: dict | None = None) 
     return batch
 
 
-def pad_rows(table: SequenceTable, rows: list[int], pad_id: int) -> dict:
+def pad_rows(table: SequenceTable, rows: list[int], pad_id: int, multiple: int = 1) -> dict:
+    """Rows of ``table``, right-padded to the longest, rounded up to a multiple of ``multiple``:
+    batches of a few widths rather than a new one each time, whose kernels and memory blocks
+    are reused (``train.pad_to_multiple_of``)."""
     seqs = [table.sequences[r] for r in rows]
-    width = max(len(s.input_ids) for s in seqs)
+    width = round_up(max(len(s.input_ids) for s in seqs), multiple)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     loss_mask = torch.zeros((len(seqs), width), dtype=torch.bool)
@@ -308,6 +312,11 @@ def pad_rows(table: SequenceTable, rows: list[int], pad_id: int) -> dict:
         attn[i, :n] = 1
         loss_mask[i, s.n_prompt : n] = True
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask, "rows": torch.tensor(rows)}
+
+
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (>= 1)."""
+    return -(-n // multiple) * multiple
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,14 +24,15 @@ from ulma.methods import logp_reduction, loss_inputs
 @torch.no_grad()
 def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: list[int] | None = None,
                 desc: str = "log-probs", progress: bool = True, min_batches: int = 0, fused: bool = True,
-                share_prompts: bool = True) -> dict:
+                share_prompts: bool = True, multiple: int = 1) -> dict:
     """Sum and count of response-token log-probs for rows of a table: {"sum": [N], "count": [N]}.
 
     Rows are run longest first in batches of similar length (less padding); with
     ``share_prompts``, rows with the same prompt next to each other, so that a batch runs
     each prompt once (:func:`ulma.logprobs.pack_prompts`).  At least ``min_batches``
     forward passes are run (extra ones on row 0, discarded): with sharded weights (FSDP,
-    ZeRO-3) every process must run the same number of forwards.
+    ZeRO-3) every process must run the same number of forwards.  ``multiple``: shapes
+    rounded up to it (:func:`ulma.logprobs.forward_logps`).
     """
     from tqdm.auto import tqdm
 
@@ -47,11 +48,12 @@ def table_logps(model, table, pad_id: int, batch_size: int, bf16: bool, rows: li
         for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False,
                       dynamic_ncols=True):
             chunk = order[s : s + batch_size]
-            out = forward_logps(model, pad_rows(table, chunk, pad_id), bf16=bf16, fused=fused,
-                                share_prompts=share_prompts, head_weight=head_weight)
+            out = forward_logps(model, pad_rows(table, chunk, pad_id, multiple), bf16=bf16, fused=fused,
+                                share_prompts=share_prompts, head_weight=head_weight, multiple=multiple)
             done.append((chunk, out["sum"].float(), out["count"]))
         for _ in range(min_batches - math.ceil(len(order) / batch_size) if len(table) else 0):
-            forward_logps(model, pad_rows(table, [0], pad_id), bf16=bf16, fused=fused, head_weight=head_weight)
+            forward_logps(model, pad_rows(table, [0], pad_id, multiple), bf16=bf16, fused=fused,
+                          head_weight=head_weight, multiple=multiple)
     for chunk, sums, counts in done:
         total[chunk] = sums.cpu()
         count[chunk] = counts.cpu()
@@ -112,7 +114,8 @@ def evaluate(model, evalset, ref: dict, method, cfg, pad_id: int, bf16: bool, pr
     if pol is None:
         rows = cfg.train.forward_rows(next(model.parameters()).device.type)
         pol = table_logps(model, evalset.table, pad_id, rows, bf16, desc="evaluate",
-                          progress=progress, fused=cfg.train.fused_logps, share_prompts=cfg.train.share_prompts)
+                          progress=progress, fused=cfg.train.fused_logps, share_prompts=cfg.train.share_prompts,
+                          multiple=cfg.train.pad_to_multiple_of)
     how = logp_reduction(method, m)
     rewards = m.beta * (reduce_logps(pol["sum"], pol["count"], how) - reduce_logps(ref["sum"], ref["count"], how))
     ppl, tokens = perplexity(pol, evalset.positive_rows)

@@ -212,7 +212,7 @@ class RewardTrainer(DataParallelLoop):
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct pairs, pairs
         for k, mb in enumerate(micro):
             mine, share = my_share(mb, self.acc.process_index, world)
-            batch = collate(self.data.train, mine, self.pad_id)
+            batch = collate(self.data.train, mine, self.pad_id, multiple=t.pad_to_multiple_of)
             scores = forward_scores(self.model, batch, self.bf16)
             losses = unit_losses(self.loss, scores, batch["labels"], batch["positive"], self.data.train.binary,
                                  self.cfg.method)
