@@ -14,6 +14,8 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
+from ulma.data.tokenize import round_up
+
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, chunk_rows: int = 4):
     """Per-token log-probs of the tokens in ``input_ids`` under ``logits``.
@@ -424,8 +426,7 @@ def pack_prompts(batch: dict, hidden: int = 0, multiple: int = 1) -> dict | None
         return None  # no prompt token to score the first response token from
     length = attn.sum(1)
     groups = _prompt_groups(ids, start.tolist())
-    w = max(len(k) + sum(int(length[i] - start[i]) for i in g) for k, g in groups.items())
-    w = -(-w // multiple) * multiple
+    w = round_up(max(len(k) + sum(int(length[i] - start[i]) for i in g) for k, g in groups.items()), multiple)
     cost = lambda rows, wide: rows * wide * (6 * hidden + wide if hidden else 1)  # noqa: E731
     if len(groups) == n_rows or cost(len(groups), w) >= cost(n_rows, width):
         return None

@@ -8,7 +8,7 @@ dynamic: it rises to the size of any mapped block that is freed, up to 32 MB, so
 run's first steps every activation comes from the heap.  Blocks of ever new sizes then
 leave holes that later blocks do not fit, and the heap only grows; ulma's batches come in a
 few widths for that reason (``train.pad_to_multiple_of``).  ``benchmarks/README.md``
-("Memory of long runs") has the traces of a 150-step run.
+("Memory of long runs") has the traces of a long run.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def register(sub) -> None:
                    "table3 (ablation), or all")
     r.add_argument("--scale", choices=["cpu", "medium", "paper"], default="cpu",
                    help="cpu: the offline model and local data, shrunk for a 2-core CPU; medium: the same data, one "
-                   "seed, 10x the training prompts (a column in hours on a 2-core bf16 CPU; docs/reproduce.md); paper: the paper's setup "
+                   "seed, 10x the training prompts (timings in docs/reproduce.md); paper: the paper's setup "
                    "(Vicuna-7B v1.5, hub data, accelerate)")
     r.add_argument("--seeds", type=_positive, help="training runs per cell (default 3, as the paper)")
     r.add_argument("--out", help="output folder (default runs/reproduce-SCALE)")
