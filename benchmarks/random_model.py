@@ -24,12 +24,13 @@ SHAPES = {
 }
 
 
-def build(tokenizer_dir: Path, out: Path, shape: str, seed: int = 0) -> int:
-    """Writes the model (bf16 safetensors) and the tokenizer files to ``out``; returns its parameter count."""
+def build(tokenizer_dir: Path, out: Path, shape: str, seed: int = 0, layers: int | None = None) -> int:
+    """Writes the model (bf16 safetensors) and the tokenizer files to ``out``; returns its parameter count.
+    ``layers``: decoder layers instead of the shape's (alloc_memory.py extrapolates from a few)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     base = LlamaConfig.from_pretrained(tokenizer_dir)  # SmolLM2-135M's config: vocabulary, special ids, rope
-    cfg = LlamaConfig(**{**base.to_dict(), **SHAPES[shape], "head_dim": None, "tie_word_embeddings": True,
+    cfg = LlamaConfig(**{**base.to_dict(), **SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}), "head_dim": None, "tie_word_embeddings": True,
                          "max_position_embeddings": 2048})
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,8 +48,9 @@ def main() -> None:
     p.add_argument("tokenizer_dir", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    p.add_argument("--layers", type=int, help="decoder layers instead of the shape's")
     a = p.parse_args()
-    n = build(a.tokenizer_dir, a.out, a.shape)
+    n = build(a.tokenizer_dir, a.out, a.shape, layers=a.layers)
     print(f"{a.out}: {a.shape}, {n / 1e9:.3f}B parameters")
 
 
