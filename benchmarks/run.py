@@ -68,8 +68,8 @@ LEVERS = [
                                                       "shape almost every step; a memory lever)"),
     ("ulma-ulma-lora-long", "ulma-ulma-lora-long-exact-widths", "widths rounded up to a multiple of 64, "
                                                                 "a long run (a memory lever)"),
-    ("ulma-ulma-lora", "ulma-ulma-lora-eager-mlp", "lean gated MLPs: silu(gate) recomputed in the backward, not kept "
-                                                   "(LoRA; memory)"),
+    ("ulma-ulma-lora", "ulma-ulma-lora-not-lean", "lean activations: silu(gate) recomputed in the backward, "
+                                                  "bool dropout masks on a CPU (LoRA; memory)"),
     ("ulma-ulma-lora", "ulma-ulma-lora-unfused", "fused output layer: logits only at response tokens, chunked (LoRA)"),
     ("ulma-ulma-full", "ulma-ulma-full-unfused", "fused output layer (full fine-tuning)"),
     ("ulma-ulma-full", "ulma-ulma-full-foreach-adamw", "fused AdamW (vs the per-tensor loop), full fine-tuning"),

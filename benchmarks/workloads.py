@@ -348,7 +348,8 @@ WORKLOADS = {
         train={"gradient_checkpointing": True, "optimizer_in_backward": True, "max_grad_norm": 0}),
     "ulma-ulma-lora-checkpointed-fp32-frozen": lambda a: run_ulma(
         "ulma", True, a.data, a.steps, a.work, train={"gradient_checkpointing": True, "bf16_frozen_weights": False}),
-    "ulma-ulma-lora-eager-mlp": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work, train={"lean_mlp": False}),
+    "ulma-ulma-lora-not-lean": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
+                                                  train={"lean_activations": False}),
     "ulma-ulma-lora-unfused": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work, train={"fused_logps": False}),
     "ulma-ulma-full-unfused": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work,
                                                  train={"fused_logps": False}),

@@ -1,4 +1,5 @@
-"""ulma.activations: gated MLPs that keep gate and up, not silu(gate), for the backward."""
+"""ulma.activations: gated MLPs that keep gate and up, not silu(gate), for the backward;
+dropout that keeps a bool mask."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ulma.activations import SiluMul, lean_gated_mlps
+from ulma.activations import MaskDropout, SiluMul, lean_activations
 
 
 def test_silu_mul_by_hand():
@@ -60,7 +61,8 @@ def saved_bytes(model, ids):
 
 def test_lean_mlps_keep_one_mlp_wide_tensor_less_per_layer_and_train_the_same():
     eager, lean = tiny_llama(), tiny_llama()
-    assert lean_gated_mlps(lean) == 3 and lean_gated_mlps(lean) == 0  # once per MLP
+    assert lean_activations(lean) == {"gated_mlps": 3, "dropouts": 0}
+    assert lean_activations(lean) == {"gated_mlps": 0, "dropouts": 0}  # once per MLP
     ids = torch.randint(0, 50, (2, 7))
     kept_eager, loss_eager = saved_bytes(eager, ids)
     kept_lean, loss_lean = saved_bytes(lean, ids)
@@ -74,7 +76,7 @@ def test_lean_mlps_keep_one_mlp_wide_tensor_less_per_layer_and_train_the_same():
 
 
 def test_only_the_known_silu_gated_forward_is_changed(tmp_path):
-    assert lean_gated_mlps(tiny_llama(hidden_act="gelu")) == 0  # another activation
+    assert lean_activations(tiny_llama(hidden_act="gelu"))["gated_mlps"] == 0  # another activation
 
     class ScaledMLP(torch.nn.Module):  # the same parts, another computation
         def __init__(self):
@@ -85,7 +87,45 @@ def test_only_the_known_silu_gated_forward_is_changed(tmp_path):
         def forward(self, x):
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * 2
 
-    assert lean_gated_mlps(ScaledMLP()) == 0
+    assert lean_activations(ScaledMLP())["gated_mlps"] == 0
     # a model read back from its folder (transformers' own classes) is recognised
     tiny_llama().save_pretrained(tmp_path)
-    assert lean_gated_mlps(AutoModelForCausalLM.from_pretrained(tmp_path)) == 3
+    assert lean_activations(AutoModelForCausalLM.from_pretrained(tmp_path))["gated_mlps"] == 3
+
+
+def kept_by(fn, x):
+    """Bytes of what ``fn(x)`` keeps for its backward."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (kept.append(t.numel() * t.element_size()), t)[1],
+                                                  lambda t: t):
+        y = fn(x)
+    return sum(kept), y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_dropout_draws_and_trains_as_dropout_and_keeps_a_bool_mask(dtype):
+    x = torch.randn(6, 50, dtype=dtype, requires_grad=True)
+    g = torch.randn(6, 50, dtype=dtype)
+    plain, lean = torch.nn.Dropout(0.25), MaskDropout(0.25)
+    torch.manual_seed(7)
+    kept_plain, a = kept_by(plain, x)
+    torch.manual_seed(7)
+    kept_lean, b = kept_by(lean, x)
+    assert torch.equal(a, b)  # the same draws, the same scaling
+    # kept elements scaled by 1 / (1 - p), that factor rounded to the input's dtype
+    kept = b != 0
+    assert 0 < int((~kept).sum()) < 300 and torch.equal(b[kept], (x * torch.tensor(1 / 0.75, dtype=dtype))[kept])
+    (ga,), (gb,) = torch.autograd.grad(a, x, g), torch.autograd.grad(b, x, g)
+    assert torch.equal(ga, gb)
+    assert kept_plain == 300 * torch.finfo(dtype).bits // 8 and kept_lean == 300  # one byte an element
+    lean.eval()
+    assert torch.equal(lean(x), x)
+
+
+def test_lora_dropouts_become_mask_dropouts():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    assert lean_activations(model) == {"gated_mlps": 3, "dropouts": 2 * 3}
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 6 and all(type(m) is MaskDropout and m.p == 0.1 for m in drops)

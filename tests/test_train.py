@@ -463,19 +463,20 @@ def test_the_checkpointed_bf16_forward_without_cache_or_head_logits_changes_no_r
     assert rows[0]["loss"] == rows[1]["loss"] and rows[0]["grad_norm"] == rows[1]["grad_norm"]
 
 
-def test_lean_mlps_change_no_result(tiny_model_dir, pointwise_file, tmp_path):
-    """train.lean_mlp: silu(gate) recomputed in the backward, not kept: the same losses and
-    trained weights bit for bit (LoRA, bf16 autocast; full fine-tuning with a live reference,
-    whose copied MLPs must run the copy's weights, not the policy's)."""
+def test_lean_activations_change_no_result(tiny_model_dir, pointwise_file, tmp_path):
+    """train.lean_activations: silu(gate) recomputed in the backward, LoRA's dropout keeping a
+    bool mask: the same losses and trained weights bit for bit (LoRA with dropout, bf16
+    autocast; full fine-tuning with a live reference, whose copied MLPs must run the copy's
+    weights, not the policy's)."""
     def run(name, *extra):
         t = Trainer(tiny_cfg(tiny_model_dir, pointwise_file, tmp_path / name, "method.name=ulma", "train.max_steps=2",
                              "train.bf16=true", *extra))
         ref, _ = t._reference_caches()
         return t, [t.train_step(s, ref)["loss"] for s in range(2)]
 
-    for mode in ([], ["model.lora.enabled=false", "model.reference=live"]):
+    for mode in (["model.lora.dropout=0.3"], ["model.lora.enabled=false", "model.reference=live"]):
         on, l_on = run("on" + str(len(mode)), *mode)
-        off, l_off = run("off" + str(len(mode)), *mode, "train.lean_mlp=false")
+        off, l_off = run("off" + str(len(mode)), *mode, "train.lean_activations=false")
         assert l_on == l_off
         a = {n: p for n, p in on.model.named_parameters() if p.requires_grad}
         b = {n: p for n, p in off.model.named_parameters() if p.requires_grad}
@@ -483,5 +484,7 @@ def test_lean_mlps_change_no_result(tiny_model_dir, pointwise_file, tmp_path):
         mlps = [m for m in on.model.modules() if type(m).__name__ == "LlamaMLP"]
         assert len(mlps) == 2 and all(m.forward.__func__.__name__ == "_lean_forward" for m in mlps)
         assert all("forward" not in m.__dict__ for m in off.model.modules())
+        drops = [type(m).__name__ for m in on.model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert drops == (["MaskDropout"] * 4 * 2 if len(mode) == 1 else [])  # q, k, v, o in 2 layers
     copies = [m for m in on.reference.copy.modules() if type(m).__name__ == "LlamaMLP"]
     assert len(copies) == 2 and all(m.forward.__self__ is m for m in copies)

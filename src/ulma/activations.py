@@ -1,12 +1,19 @@
-"""What a training forward keeps for its backward: gated MLPs that keep one tensor less.
+"""What a training forward keeps for its backward: the same values, less kept.
 
 A SiLU-gated MLP (Llama, Mistral, Qwen, SmolLM...) computes
 ``down_proj(silu(gate_proj(x)) * up_proj(x))``.  Run eagerly, autograd keeps three
 [tokens, MLP width] tensors of each layer to the backward: ``gate`` (for silu's
 gradient), ``silu(gate)`` and ``up`` (for the product's).  :class:`SiluMul` keeps ``gate``
-and ``up`` and recomputes ``silu(gate)`` in the backward, an elementwise op: for a model
-whose MLP is 4x its width, a sixth of what a layer keeps, at no measurable cost.
-Values and gradients are those of the eager ops (the same kernels, in the same order).
+and ``up`` and recomputes ``silu(gate)`` in the backward: an elementwise op, cheap beside the
+layer's matrix products, for one of the largest tensors a layer keeps.
+
+Dropout on a CPU (LoRA's, before each adapter) keeps its scaled mask in the input's dtype,
+4 bytes an element in float32; CUDA's fused kernel keeps a bool mask.
+:class:`MaskDropout` keeps the bool mask on a CPU too and rebuilds the scaled one in the
+backward.
+
+Values and gradients are those of the eager ops, bit for bit (the same kernels, in the same
+order, drawing the same random numbers).
 """
 
 from __future__ import annotations
@@ -70,12 +77,47 @@ def _is_gated_silu_mlp(module: torch.nn.Module) -> bool:
     return re.sub(r"\s+", "", source) in _GATED_FORWARDS
 
 
-def lean_gated_mlps(model: torch.nn.Module) -> int:
-    """Make every SiLU-gated MLP of ``model`` compute its product with :class:`SiluMul`
-    (in place, before a compile or a copy of the model); returns how many were changed."""
-    n = 0
-    for module in model.modules():
+class _BoolMaskDropout(torch.autograd.Function):
+    """CPU dropout as ``torch.nn.functional.dropout`` computes it (a mask drawn with
+    ``bernoulli_(1 - p)`` in the input's dtype, divided by 1 - p, times the input), keeping
+    the mask as bool: the backward multiplies by the same scaled mask, rebuilt."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+        ctx.save_for_backward(noise != 0)
+        ctx.p, ctx.dtype = p, x.dtype
+        return x * noise
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask.to(ctx.dtype).div_(1 - ctx.p), None
+
+
+class MaskDropout(torch.nn.Dropout):
+    """``nn.Dropout`` that keeps a bool mask for the backward on a CPU (elsewhere, and when
+    not training, it is ``nn.Dropout``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.inplace or not 0 < self.p < 1 or x.device.type != "cpu" \
+                or not torch.is_grad_enabled() or not x.requires_grad:
+            return super().forward(x)
+        return _BoolMaskDropout.apply(x, self.p)
+
+
+def lean_activations(model: torch.nn.Module) -> dict:
+    """Make ``model`` keep less for its backward at the same values, in place (before a
+    compile or a copy of the model): every SiLU-gated MLP computes its product with
+    :class:`SiluMul`, every ``nn.Dropout`` becomes a :class:`MaskDropout`.  Returns how
+    many of each were changed."""
+    n = {"gated_mlps": 0, "dropouts": 0}
+    for module in list(model.modules()):
         if _is_gated_silu_mlp(module):
             module.forward = types.MethodType(_lean_forward, module)
-            n += 1
+            n["gated_mlps"] += 1
+        for name, child in module.named_children():
+            if type(child) is torch.nn.Dropout:
+                setattr(module, name, MaskDropout(child.p, child.inplace))
+                n["dropouts"] += 1
     return n

@@ -94,8 +94,9 @@ class TrainConfig:
     overwrite: bool = False  # replace an earlier run in output_dir (otherwise that is an error)
     group_by_length: bool = True  # batches of similar length: less padding
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, one more forward per step
-    lean_mlp: bool = True  # SiLU-gated MLPs (Llama, Mistral, Qwen...) recompute silu(gate) in the backward instead of
-    # keeping it: one [tokens, MLP width] tensor less per layer, the same values (ulma.activations)
+    lean_activations: bool = True  # keep less for the backward, the same values (ulma.activations): SiLU-gated MLPs
+    # (Llama, Mistral, Qwen...) recompute silu(gate), one [tokens, MLP width] tensor less a layer; dropout keeps a
+    # bool mask on a CPU (as CUDA's does), not a float one
     fused_logps: bool = True  # output layer only at scored positions, chunked: no [N, T, V] logits (logprobs.py)
     share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py)
     pad_to_multiple_of: int = 64  # batch widths and scored-token counts rounded up to this (1: none): a few shapes
