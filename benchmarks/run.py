@@ -285,7 +285,7 @@ def tables(results: dict, peak: dict) -> str:
 
 def save(report: dict, out: Path, final: bool) -> None:
     """The run so far to out/<time>.json (after every workload, so a run stopped part-way
-    keeps what it measured); at the end also out/latest.{json,md}."""
+    keeps what it measured); at the end of a whole run (``final``) also out/latest.{json,md}."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / (report["date"].replace(":", "-") + ".json")] + ([out / "latest.json"] if final else [])
     for path in paths:
@@ -379,7 +379,8 @@ def main(argv=None) -> int:
     report["table"] = tables(report["results"], peak["flops"])
     report["complete"] = True
     print("\n" + report["table"])
-    save(report, args.out, final=True)
+    # latest.* is the last whole run: a part (--only, --levers, --no-levers) keeps its dated file only
+    save(report, args.out, final=not (args.only or args.levers is not None or args.no_levers))
     return 0
 
 
