@@ -7,8 +7,8 @@ gradient), ``silu(gate)`` and ``up`` (for the product's).  :class:`SiluMul` keep
 and ``up`` and recomputes ``silu(gate)`` in the backward: an elementwise op, cheap beside the
 layer's matrix products, for one of the largest tensors a layer keeps.
 
-Dropout on a CPU (LoRA's, before each adapter) keeps its scaled mask in the input's dtype,
-4 bytes an element in float32; CUDA's fused kernel keeps a bool mask.
+Dropout on a CPU (LoRA's, before each adapter) keeps its scaled mask in the input's dtype
+(float32 for LoRA's inputs); CUDA's fused kernel keeps a bool mask.
 :class:`MaskDropout` keeps the bool mask on a CPU too and rebuilds the scaled one in the
 backward.
 
@@ -86,13 +86,13 @@ class _BoolMaskDropout(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
         ctx.save_for_backward(noise != 0)
-        ctx.p, ctx.dtype = p, x.dtype
+        ctx.p = p
         return x * noise
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor):  # grad has the input's dtype, as the mask had
         (mask,) = ctx.saved_tensors
-        return grad * mask.to(ctx.dtype).div_(1 - ctx.p), None
+        return grad * mask.to(grad.dtype).div_(1 - ctx.p), None
 
 
 class MaskDropout(torch.nn.Dropout):

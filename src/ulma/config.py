@@ -108,7 +108,7 @@ class TrainConfig:
     # (no global norm before the updates) and one process
     forward_batch_size: Optional[int] = None  # rows per forward-only batch (reference log-probs, evaluation);
     # None: 4 x micro_batch_size on CUDA (more rows fit: no activations are kept; small batches leave a GPU
-    # idle), micro_batch_size elsewhere (a CPU is busy at 8 rows already)
+    # idle), micro_batch_size elsewhere (benchmarks/README.md)
     compile: bool = False  # torch.compile each decoder layer (models.compile_layers): fewer kernel launches; fewer saved activations
     compile_backend: str = "inductor"  # torch.compile's backend ("aot_eager": no code generation, for debugging)
     compile_mode: Optional[str] = None  # torch.compile's mode: null (default), "reduce-overhead" (CUDA graphs), "max-autotune"
