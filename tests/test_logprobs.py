@@ -46,8 +46,10 @@ def test_logits_for_the_last_positions_only_give_the_same_result():
 # ------------------------------------------------------------------ the fused output layer
 
 
-@pytest.mark.parametrize("chunks", [(3, 0), (2, 5), (5, 3)])  # (forward, backward); 0: the forward's
+@pytest.mark.parametrize("chunks", [(3, 0), (2, 5), (5, 3), (3, 0, 4), (2, 5, 6), (7, 7, 1)])
 def test_linear_token_logps_match_log_softmax_values_and_gradients(chunks):
+    # (forward rows, backward rows[, vocabulary rows a block]); 0: the forward's rows / the
+    # whole vocabulary.  13 columns in blocks of 4: 4 + 4 + 4 + 1; of 6: 6 + 6 + 1; of 1: 13.
     from ulma.logprobs import LinearTokenLogps
 
     torch.manual_seed(2)
@@ -77,12 +79,45 @@ def test_linear_token_logps_under_bf16_autocast_match_the_bf16_products_log_soft
     logits = (hidden.bfloat16() @ weight.bfloat16().T).float()
     ref = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
     gh, gw = torch.autograd.grad((ref * g).sum(), (hidden, weight))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = LinearTokenLogps.apply(hidden, weight, targets, 4)
-    fh, fw = torch.autograd.grad((out * g).sum(), (hidden, weight))
-    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5)
-    # the backward's matrix products run in bf16 as well: bf16's 3 significant digits
-    assert torch.allclose(fh, gh, rtol=2e-2, atol=2e-2) and torch.allclose(fw, gw, rtol=2e-2, atol=2e-2)
+    for block in (0, 16):  # the whole vocabulary; blocks of 16 + 16 + 8, each cast on its own
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = LinearTokenLogps.apply(hidden, weight, targets, 4, 0, block)
+        fh, fw = torch.autograd.grad((out * g).sum(), (hidden, weight))
+        assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5)
+        # the backward's matrix products run in bf16 as well: bf16's 3 significant digits
+        assert torch.allclose(fh, gh, rtol=2e-2, atol=2e-2) and torch.allclose(fw, gw, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("block", [0, 16])
+def test_linear_token_logps_keep_no_cast_copy_of_a_float32_layer_cast_in_blocks(block):
+    from ulma.logprobs import LinearTokenLogps
+
+    hidden = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(40, 16)  # float32, frozen: a LoRA model's output layer tied to its embedding
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            LinearTokenLogps.apply(hidden, weight, targets := torch.randint(0, 40, (9,)), 4, 0, block).sum().backward()
+    kept = {(tuple(t.shape), t.dtype, t.data_ptr() == weight.data_ptr()) for t in saved}
+    assert ((9,), torch.int64, False) in kept and targets.shape == (9,)
+    if block:  # the stored weight itself (cast again block by block in the backward)
+        assert ((40, 16), torch.float32, True) in kept and ((40, 16), torch.bfloat16, False) not in kept
+    else:  # one block: its bf16 cast, [40, 16], kept for the backward
+        assert ((40, 16), torch.bfloat16, False) in kept and ((40, 16), torch.float32, True) not in kept
+
+
+def test_head_plan_casts_a_float32_output_layer_in_even_blocks_of_at_most_24_mib():
+    from ulma.logprobs import head_plan
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    smollm2 = torch.empty(49152, 576, device="meta")  # float32, tied to the embedding
+    # bf16: 49152 x 576 x 2 B = 56623104 B = 2.25 x 24 MiB -> 3 blocks of 16384 rows; a CPU
+    # forward chunk of 24 MiB / (4 B x 16384) = 384 rows
+    assert head_plan(smollm2, cpu, True) == (384, 512, 16384)
+    assert head_plan(smollm2, cpu, False) == (128, 512, 49152)  # float32 products: nothing cast
+    assert head_plan(smollm2.bfloat16(), cpu, True) == (128, 512, 49152)  # stored in bf16: nothing cast
+    # Llama 3.2 1B: 128256 x 2048 x 2 B = 20.875 x 24 MiB -> 21 blocks of ceil(128256 / 21) = 6108
+    assert head_plan(torch.empty(128256, 2048, device="meta"), cuda, True) == (512, 512, 6108)
 
 
 def test_chunk_rows_keep_a_cpu_forward_chunk_under_24_mib_of_float32_logits():
@@ -148,6 +183,31 @@ def test_fused_output_layer_equals_the_models_logits(tiny_model_dir, tokenizer):
         for n in grads[0]:
             a, b = grads[0][n], grads[1][n]
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max())), n
+
+
+def test_an_output_layer_cast_in_blocks_gives_the_results_of_one_cast(tiny_model_dir, tokenizer, monkeypatch):
+    """Under bf16 autocast the tied float32 output layer (49152 x 32) is cast in 7 blocks
+    when just under 512 KiB may be cast at a time (3 MiB / (512 KiB - 1 B) = 6.00001 -> 7 blocks),
+    with LoRA and full fine-tuning: the log-probs and gradients of one whole cast."""
+    import ulma.logprobs as lp
+
+    batch = _batch(tokenizer)
+    for lora in (True, False):
+        model = _tiny_policy(tiny_model_dir, lora)
+        results, grads, plans = [], [], []
+        for cap in (1 << 30, (512 << 10) - 1):
+            monkeypatch.setattr(lp, "HEAD_BLOCK_BYTES", cap)
+            plans.append(lp.head_plan(lp.fusable_head(model).weight, torch.device("cpu"), True)[2])
+            model.zero_grad()
+            out = lp.forward_logps(model, batch, bf16=True)
+            (out["sum"] * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+            results.append(out["sum"].detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert plans == [49152, 7022]  # ceil(49152 / 7)
+        assert torch.allclose(results[0], results[1], atol=1e-4)
+        for n in grads[0]:  # bf16 products summed over blocks in float32, not rounded once: close
+            a, b = grads[0][n], grads[1][n]
+            assert torch.allclose(a, b, atol=2e-2 * float(b.abs().max())), n
 
 
 def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer):

@@ -155,53 +155,78 @@ def logits_to_keep(loss_mask: torch.Tensor) -> int:
 
 class LinearTokenLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T)[target] for M scored positions, ``chunk`` at a time
-    (``back_chunk`` at a time in the backward; 0: ``chunk``).
+    (``back_chunk`` at a time in the backward; 0: ``chunk``), over ``block`` rows of the
+    vocabulary at a time (0: all; :func:`head_plan` picks the sizes).
 
     hidden [M, H], weight [V, H] (the output layer), targets [M] -> float32 [M].  The
-    [M, V] logits exist one chunk at a time, in the forward and again in the backward,
-    which recomputes them: no [N, T, V] logits and no logits gradient (chunk sizes:
-    :func:`chunk_rows`).  Gradient: d logp / d logits = onehot(target) - softmax(logits),
-    the softmax taken from the forward's saved log-sum-exp [M].  Each chunk's float32
-    logits are one buffer changed in place, so the peak is one [chunk, V] float32 tensor.
-    The matrix products run in the autocast dtype when autocast is on (as the model's own
-    output layer would), the log-sum-exp in float32.
+    [M, V] logits exist one [chunk, block] piece at a time, in the forward and again in the
+    backward, which recomputes them: no [N, T, V] logits and no logits gradient.  Gradient:
+    d logp / d logits = onehot(target) - softmax(logits), the softmax taken from the
+    forward's saved log-sum-exp [M] (the blocks' log-sum-exps combined).  The matrix
+    products run in the autocast dtype when autocast is on (as the model's own output layer
+    would), the log-sum-exp in float32.  Where the weight is stored in another dtype (a
+    float32 output layer tied to the embedding), a block is cast at a time, so no whole cast
+    copy of the layer is ever held; in one block the cast copy is kept for the backward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, back_chunk: int = 0):
-        dt = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
-            else hidden.dtype
-        w = weight.to(dt)
+    def forward(ctx, hidden, weight, targets, chunk: int, back_chunk: int = 0, block: int = 0):
+        dt = product_dtype(hidden)
+        block = block or weight.shape[0]
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
-        for s in range(0, hidden.shape[0], chunk):
-            z = _float_buffer(hidden[s : s + chunk].to(dt) @ w.T)  # [c, V]
-            picked = z.gather(1, targets[s : s + chunk, None]).squeeze(1)
-            top = z.amax(1, keepdim=True)
-            lse[s : s + chunk] = z.sub_(top).exp_().sum(1).log_() + top.squeeze(1)
-            out[s : s + chunk] = picked - lse[s : s + chunk]
-        # The cast weight, not the float32 one: the backward needs it in ``dt`` again (as
-        # autocast's own Linears keep theirs), and casting a large output layer is not free.
-        ctx.save_for_backward(hidden, w, targets, lse)
-        ctx.chunk, ctx.dt, ctx.weight_dtype = back_chunk or chunk, dt, weight.dtype
-        return out
+        lse = torch.empty(hidden.shape[0], -(-weight.shape[0] // block), dtype=torch.float32, device=hidden.device)
+        for b, v in enumerate(range(0, weight.shape[0], block)):
+            w = weight[v : v + block].to(dt)
+            at, inside = _in_block(targets, v, w.shape[0])
+            for s in range(0, hidden.shape[0], chunk):
+                z = _float_buffer(hidden[s : s + chunk].to(dt) @ w.T)  # [c, block]
+                picked = z.gather(1, at[s : s + chunk, None]).squeeze(1)
+                out[s : s + chunk] = torch.where(inside[s : s + chunk], picked, out[s : s + chunk]) if b else picked
+                top = z.amax(1, keepdim=True)
+                lse[s : s + chunk, b] = z.sub_(top).exp_().sum(1).log_() + top.squeeze(1)
+        lse = torch.logsumexp(lse, 1)
+        # One block: the cast weight, not the stored one: the backward needs it in ``dt``
+        # again (as autocast's own Linears keep theirs).  Several: the stored weight, cast
+        # again block by block.
+        ctx.save_for_backward(hidden, w if block >= weight.shape[0] else weight, targets, lse)
+        ctx.chunk, ctx.block, ctx.dt, ctx.weight_dtype = back_chunk or chunk, block, dt, weight.dtype
+        return out.sub_(lse)
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, w, targets, lse = ctx.saved_tensors  # w: the weight in ctx.dt
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = None  # float32 [V, H]: the first chunk's product, then the others added to it
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s : s + ctx.chunk].to(ctx.dt)
-            p = _float_buffer(h @ w.T).sub_(lse[s : s + ctx.chunk, None]).exp_()  # softmax [c, V]
-            p.scatter_add_(1, targets[s : s + ctx.chunk, None], -torch.ones_like(p[:, :1]))  # softmax - onehot
-            d_logits = p.mul_(-grad[s : s + ctx.chunk, None]).to(ctx.dt)  # dL/dlogits = g * (onehot - softmax)
-            if grad_h is not None:
-                grad_h[s : s + ctx.chunk] = (d_logits @ w).to(hidden.dtype)
-            if ctx.needs_input_grad[1]:  # the product added as it is (bf16 into float32): no float32 copy
-                part = d_logits.T @ h
-                grad_w = part.float() if grad_w is None else grad_w.add_(part)
-        return grad_h, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None, None
+        hidden, weight, targets, lse = ctx.saved_tensors
+        # Sums over blocks in at least float32: the bf16 products are added as they are.
+        acc = lambda t, dtype: torch.zeros(t.shape, dtype=torch.promote_types(dtype, torch.float32),  # noqa: E731
+                                           device=t.device)
+        grad_h = acc(hidden, hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = acc(weight, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        for v in range(0, weight.shape[0], ctx.block):
+            w = weight[v : v + ctx.block].to(ctx.dt)
+            at, inside = _in_block(targets, v, w.shape[0])
+            for s in range(0, hidden.shape[0], ctx.chunk):
+                h = hidden[s : s + ctx.chunk].to(ctx.dt)
+                p = _float_buffer(h @ w.T).sub_(lse[s : s + ctx.chunk, None]).exp_()  # softmax [c, block]
+                p.scatter_add_(1, at[s : s + ctx.chunk, None], -inside[s : s + ctx.chunk, None].to(p.dtype))
+                d_logits = p.mul_(-grad[s : s + ctx.chunk, None]).to(ctx.dt)  # g * (onehot - softmax)
+                if grad_h is not None:
+                    grad_h[s : s + ctx.chunk] += d_logits @ w
+                if grad_w is not None:
+                    grad_w[v : v + ctx.block] += d_logits.T @ h
+        grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
+        return grad_h, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None, None, None
+
+
+def _in_block(targets: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets as columns of the vocabulary block [start, start + width) (clamped into it)
+    and whether each lies in it."""
+    at = targets - start
+    return at.clamp(0, width - 1), (at >= 0) & (at < width)
+
+
+def product_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the output layer's matrix product runs in: autocast's where it is on."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
 def _float_buffer(logits: torch.Tensor) -> torch.Tensor:
@@ -227,6 +252,26 @@ def chunk_rows(device: torch.device, vocab: int) -> tuple[int, int]:
     if device.type != "cpu":
         return FUSED_CHUNK, FUSED_CHUNK
     return max(16, min(FUSED_CHUNK, CPU_CHUNK_BYTES // (4 * vocab))), FUSED_CHUNK
+
+
+HEAD_BLOCK_BYTES = 24 << 20  # at most this much of the output layer cast at a time
+
+
+def head_plan(weight: torch.Tensor, device: torch.device, bf16: bool) -> tuple[int, int, int]:
+    """(forward chunk rows, backward chunk rows, vocabulary rows a block) of
+    :class:`LinearTokenLogps` for the output layer ``weight`` [V, H] under ``bf16`` autocast.
+
+    A weight stored in the product's dtype is one block: nothing is cast.  Otherwise (a
+    float32 layer tied to the embedding, a trained one) it is cast in even blocks of at most
+    ``HEAD_BLOCK_BYTES``: a whole cast copy would be one more output layer in memory at the
+    step's peak (e.g. 0.5 GB in bf16 for a 128k x 2048 vocabulary), for a cast of each block
+    in the backward as well.  Chunk rows fit the block (:func:`chunk_rows`).
+    """
+    vocab, hidden = weight.shape
+    dt = torch.bfloat16 if bf16 else weight.dtype
+    blocks = 1 if weight.dtype == dt else -(-vocab * hidden * dt.itemsize // HEAD_BLOCK_BYTES)
+    block = -(-vocab // max(blocks, 1))
+    return (*chunk_rows(device, block), block)
 
 
 def fusable_head(model):
@@ -318,7 +363,7 @@ def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool
     at, targets = _repeat_first(at, targets, -n % multiple)  # scored positions of a few counts
     with autocast(device, bf16, forward_cache(model)):
         hidden = final_hidden_states(model, inputs, head)  # [rows, width, H], after the final norm
-        values = LinearTokenLogps.apply(hidden[at], weight, targets, *chunk_rows(device, weight.shape[0]))[:n]
+        values = LinearTokenLogps.apply(hidden[at], weight, targets, *head_plan(weight, device, bf16))[:n]
     mask = scored.to(device)
     logps = torch.zeros(mask.shape, dtype=torch.float32, device=device).index_put_((rows, cols), values)
     return _result(logps, mask, need_tokens)
