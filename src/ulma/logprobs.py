@@ -171,7 +171,7 @@ class LinearTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, back_chunk: int = 0, block: int = 0):
-        dt = product_dtype(hidden)
+        dt = _product_dtype(hidden)
         block = block or weight.shape[0]
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty(hidden.shape[0], -(-weight.shape[0] // block), dtype=torch.float32, device=hidden.device)
@@ -223,7 +223,7 @@ def _in_block(targets: torch.Tensor, start: int, width: int) -> tuple[torch.Tens
     return at.clamp(0, width - 1), (at >= 0) & (at < width)
 
 
-def product_dtype(hidden: torch.Tensor) -> torch.dtype:
+def _product_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The dtype the output layer's matrix product runs in: autocast's where it is on."""
     device = hidden.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
