@@ -195,11 +195,8 @@ class LinearTokenLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, targets, lse = ctx.saved_tensors
-        # Sums over blocks in at least float32: the bf16 products are added as they are.
-        acc = lambda t, dtype: torch.zeros(t.shape, dtype=torch.promote_types(dtype, torch.float32),  # noqa: E731
-                                           device=t.device)
-        grad_h = acc(hidden, hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = acc(weight, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        grad_h = _sum_buffer(hidden, hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = _sum_buffer(weight, ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         for v in range(0, weight.shape[0], ctx.block):
             w = weight[v : v + ctx.block].to(ctx.dt)
             at, inside = _in_block(targets, v, w.shape[0])
@@ -214,6 +211,12 @@ class LinearTokenLogps(torch.autograd.Function):
                     grad_w[v : v + ctx.block] += d_logits.T @ h
         grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         return grad_h, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None, None, None
+
+
+def _sum_buffer(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros shaped as ``like``, in at least float32: the sum of the chunks' and blocks' bf16
+    products is taken there, each product added as it is."""
+    return torch.zeros(like.shape, dtype=torch.promote_types(dtype, torch.float32), device=like.device)
 
 
 def _in_block(targets: torch.Tensor, start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,13 +267,13 @@ def head_plan(weight: torch.Tensor, device: torch.device, bf16: bool) -> tuple[i
     A weight stored in the product's dtype is one block: nothing is cast.  Otherwise (a
     float32 layer tied to the embedding, a trained one) it is cast in even blocks of at most
     ``HEAD_BLOCK_BYTES``: a whole cast copy would be one more output layer in memory at the
-    step's peak (e.g. 0.5 GB in bf16 for a 128k x 2048 vocabulary), for a cast of each block
-    in the backward as well.  Chunk rows fit the block (:func:`chunk_rows`).
+    step's peak, for a cast of each block in the backward as well.  Chunk rows fit the block
+    (:func:`chunk_rows`).
     """
     vocab, hidden = weight.shape
     dt = torch.bfloat16 if bf16 else weight.dtype
     blocks = 1 if weight.dtype == dt else -(-vocab * hidden * dt.itemsize // HEAD_BLOCK_BYTES)
-    block = -(-vocab // max(blocks, 1))
+    block = -(-vocab // blocks)
     return (*chunk_rows(device, block), block)
 
 

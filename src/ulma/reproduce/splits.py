@@ -100,7 +100,7 @@ def prepare_split(ds, split_scale, folder: Path) -> dict:
 
 
 def _load(ds, options) -> tuple[list, list]:
-    # on_error="skip": HH's test file has 6 broken rows; they are counted in the manifest
+    # on_error="skip": HH's test file has broken rows; they are counted in the manifest
     result = load_source(ds.source, ds.path, on_error="skip", **(options or {}))
     return result.examples, result.skipped
 
