@@ -457,3 +457,35 @@ def test_a_forward_only_pass_casts_each_weight_once(tiny_model_dir, tokenizer, l
     assert any(n not in trainable for n in linears) == lora  # frozen base layers were cached too
     assert torch.equal(out["sum"], expected)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable  # flags restored
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_right_padded_rows_run_without_a_mask_and_score_as_each_row_alone(tiny_model_dir, tokenizer, fused):
+    """A right-padded batch runs with no attention mask (the causal kernel: grouped key/value
+    heads are not repeated), and each row's log-probs and the gradients are those of the row
+    run alone, unpadded; a left-padded batch keeps its mask."""
+    from ulma.logprobs import forward_logps, padding_mask
+
+    batch = _batch(tokenizer)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == 3  # three widths: two rows carry padding
+    left = {"attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}
+    assert padding_mask(batch, torch.device("cpu")) is None
+    assert torch.equal(padding_mask(left, torch.device("cpu")), left["attention_mask"])
+
+    model = _tiny_policy(tiny_model_dir, lora=False)
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    kw = dict(bf16=False, fused=fused, share_prompts=False)
+    padded = forward_logps(model, batch, **kw)["sum"]
+    grad = torch.autograd.grad(padded.sum(), model.lm_head.weight)[0]
+    hook.remove()
+    assert seen == [None]
+    alone, grad_alone = [], torch.zeros_like(grad)
+    for i, n in enumerate(lengths):
+        row = {k: v[i : i + 1, :n] for k, v in batch.items() if k != "rows"}
+        s = forward_logps(model, row, **kw)["sum"]
+        grad_alone += torch.autograd.grad(s.sum(), model.lm_head.weight)[0]
+        alone.append(s.detach())
+    assert torch.allclose(padded.detach(), torch.cat(alone), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(grad, grad_alone, rtol=1e-4, atol=1e-6)

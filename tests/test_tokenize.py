@@ -105,3 +105,28 @@ def test_length_grouping_sorts_pairs_by_packed_width():
     flat = lambda plan: [i for b in plan for i in b]  # noqa: E731
     assert flat(epoch_plan(units, 3, 1, 0, 0, True)) == [0, 2, 1]  # 10 < 11 < 12
     assert flat(epoch_plan(units, 3, 1, 0, 0, True, packed=True)) == [1, 0, 2]  # 13 < 14 < 20
+
+
+def test_length_grouping_runs_the_heaviest_micro_batch_first():
+    """Rows x longest row decides (ties: the most tokens); the rest keep their shuffled order."""
+    from ulma.data.tokenize import Sequence, SequenceTable, Units
+    from ulma.loop import epoch_plan
+
+    def units_of(lengths):
+        return Units(SequenceTable([Sequence([7] * n, 1) for n in lengths]), rows=[(i,) for i in range(len(lengths))])
+
+    # sorted by length 2 3 4 5 8 9 -> micro-batches {4, 0}, {2, 5}, {3, 1}: padded 2x3, 2x5, 2x9
+    units = units_of([3, 9, 4, 8, 2, 5])
+    for seed in range(6):
+        plan = epoch_plan(units, 2, 1, seed, 0, True)
+        assert plan[0] == [3, 1]
+        assert sorted(map(tuple, plan)) == [(2, 5), (3, 1), (4, 0)]
+    # micro-batches of 3 over 6 6 6 7 9: {1, 3, 4} pads to 3 x 6 = 18 with 18 tokens, the short
+    # last one {0, 2} to 2 x 9 = 18 with 16: the tie goes to the most tokens
+    units = units_of([7, 6, 9, 6, 6])
+    for seed in range(6):
+        plan = epoch_plan(units, 3, 1, seed, 0, True)
+        assert sorted(plan[0]) == [1, 3, 4] and sorted(plan[1]) == [0, 2]
+    # without grouping nothing moves: the first micro-batch is the shuffle's
+    firsts = {tuple(epoch_plan(units_of([3, 9, 4, 8, 2, 5]), 2, 1, seed, 0, False)[0]) for seed in range(6)}
+    assert len(firsts) > 1

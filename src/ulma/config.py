@@ -92,7 +92,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the newest complete checkpoint in output_dir
     overwrite: bool = False  # replace an earlier run in output_dir (otherwise that is an error)
-    group_by_length: bool = True  # batches of similar length: less padding
+    group_by_length: bool = True  # batches of similar length: less padding; the heaviest one first
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, one more forward per step
     lean_activations: bool = True  # keep less for the backward, the same values (ulma.activations): SiLU-gated MLPs
     # (Llama, Mistral, Qwen...) recompute silu(gate), one [tokens, MLP width] tensor less a layer; dropout keeps a

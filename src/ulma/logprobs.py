@@ -329,10 +329,23 @@ def _logits_logps(model, batch: dict, bf16: bool, need_tokens: bool) -> dict:
     """Log-probs from the model's own logits of the last positions (:func:`logits_to_keep`)."""
     device = next(model.parameters()).device
     with autocast(device, bf16, forward_cache(model)):
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=padding_mask(batch, device),
                        use_cache=False, logits_to_keep=logits_to_keep(batch["loss_mask"])).logits
     logps, mask = token_logps(logits, batch["input_ids"].to(device), batch["loss_mask"].to(device))
     return _result(logps, mask, need_tokens)
+
+
+def padding_mask(batch: dict, device: torch.device) -> torch.Tensor | None:
+    """The attention mask a causal model needs for ``batch``: None when every row is padded
+    on the right only (as :func:`ulma.data.tokenize.pad_rows` pads), since a real token never
+    attends to the padding after it.  Without a mask the model runs its plain causal kernel:
+    with one, Hugging Face's SDPA attention repeats grouped key/value heads and keeps those
+    copies for the backward, and the kernel is slower.  Scores at real tokens are the same;
+    those at padding are never read.  Checked on the CPU tensor: no wait for the GPU."""
+    attn = batch["attention_mask"]
+    if bool((attn[:, 1:] <= attn[:, :-1]).all()):
+        return None
+    return attn.to(device)
 
 
 def _result(logps: torch.Tensor, mask: torch.Tensor, need_tokens: bool) -> dict:
@@ -356,7 +369,7 @@ def _fused_logps(model, head, weight, batch: dict, bf16: bool, need_tokens: bool
     rows, cols = (i.to(device, non_blocking=True) for i in scored.nonzero(as_tuple=True))
     if pack is None:  # whole rows: position c scores token c + 1
         ids = batch["input_ids"].to(device)
-        inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"].to(device)}
+        inputs = {"input_ids": ids, "attention_mask": padding_mask(batch, device)}
         at, targets = (rows, cols), ids[rows, cols + 1]
     else:  # the same scored tokens, in the same order
         p = {k: v.to(device, non_blocking=True) for k, v in pack.items()}
