@@ -44,14 +44,16 @@ def test_lr_schedule_warmup_then_cosine():
 def test_ulma_training_lowers_loss_and_trains_the_adapter(tiny_model_dir, pointwise_file, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_cfg(tiny_model_dir, pointwise_file, out, "method.name=ulma", f"data.eval.source=jsonl",
-                   f"data.eval.path={pointwise_file}", "train.max_steps=6")
+                   f"data.eval.path={pointwise_file}", "train.max_steps=20")
     res = train(cfg)
     assert res["after"]["loss"] < res["before"]["loss"] - 1.0
     assert res["after"]["perplexity"] < res["before"]["perplexity"]
     assert res["before"]["label_accuracy"] == 0.0  # policy == reference: every reward is exactly 0
+    # 20 steps: after 6-12 the rewards of this tiny model still share one sign (accuracy 0.5)
+    # in some data orders (the heaviest micro-batch first is one)
     assert res["after"]["label_accuracy"] > 0.5
     steps = [r for r in metrics(out) if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in steps] == list(range(1, 21))
     adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it moved
@@ -206,13 +208,13 @@ def test_shared_prompts_change_no_result(tiny_model_dir, pair_file, tmp_path):
     for on in ("true", "false"):
         t = Trainer(tiny_cfg(tiny_model_dir, pair_file, tmp_path / on, *common, f"train.share_prompts={on}"))
         refs.append(t._reference_caches()[0])
-        if on == "true":  # rows of each model call in step 0 (a micro-batch of 2 pairs, then one of 4):
-            seen = []  # packed, one row per pair (4 and 8 rows unpacked)
+        if on == "true":  # rows of each model call in step 0 (the heaviest micro-batch first: 4
+            seen = []  # pairs, then the short one of 2): packed, one row per pair (8 and 4 unpacked)
             hook = t.model.get_base_model().model.register_forward_pre_hook(
                 lambda m, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
             t.train_step(0, refs[-1])
             hook.remove()
-            assert seen == [2, 4]
+            assert seen == [4, 2]
             t = Trainer(tiny_cfg(tiny_model_dir, pair_file, tmp_path / on, *common, "train.overwrite=true"))
         t.run()
     assert torch.allclose(refs[0]["sum"], refs[1]["sum"], rtol=1e-5) and torch.equal(refs[0]["count"], refs[1]["count"])
