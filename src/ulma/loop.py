@@ -73,9 +73,9 @@ def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_le
     Shuffled with a generator seeded by (seed, epoch); with ``group_by_length`` the
     shuffled order is cut into windows of 32 micro-batches that are sorted by length,
     which cuts padding while keeping the order random at the window level, and the
-    heaviest micro-batch runs first (as transformers' LengthGroupedSampler does): a run
-    that will not fit in memory fails at its first step, and the heap is laid out for the
-    largest shapes at once, so later, smaller ones fit in its blocks.  ``packed``
+    heaviest micro-batch (rows x longest row) runs first, as transformers'
+    LengthGroupedSampler does: a run that will not fit in memory fails at its first step,
+    and its first steps show its peak.  ``packed``
     (shared prompts): a pair's length is its packed width, prompt + both responses, the
     width of the row it runs as.
     """
@@ -83,15 +83,15 @@ def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_le
     order = torch.randperm(len(units), generator=g).tolist()
     size = micro * world
     if group_by_length:
+        length = {i: units.length(i, packed) for i in order}
         window = size * 32
-        order = [i for s in range(0, len(order), window)
-                 for i in sorted(order[s : s + window], key=lambda i: units.length(i, packed))]
+        order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=length.get)]
     batches = [order[s : s + size] for s in range(0, len(order), size)]
     if group_by_length and batches:
         perm = torch.randperm(len(batches), generator=g).tolist()
         batches = [batches[i] for i in perm]
-        lengths = [[units.length(i, packed) for i in b] for b in batches]
-        k = max(range(len(batches)), key=lambda j: (len(lengths[j]) * max(lengths[j]), sum(lengths[j])))
+        heavy = lambda b: (len(b) * max(map(length.get, b)), sum(map(length.get, b)))  # noqa: E731
+        k = max(range(len(batches)), key=lambda j: heavy(batches[j]))
         batches[0], batches[k] = batches[k], batches[0]
     return batches
 
