@@ -174,7 +174,7 @@ def run_one(name: str, data: Path, work: Path, steps: int, args) -> dict | None:
            "--new-tokens", str(args.new_tokens)]
     print(f"  {name} ...", end="", flush=True)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=workload_env(name))
         failure = f"exit {proc.returncode}" if proc.returncode != 0 else None
         log = proc.stdout[-3000:] + proc.stderr[-6000:]
     except subprocess.TimeoutExpired as e:
@@ -189,6 +189,15 @@ def run_one(name: str, data: Path, work: Path, steps: int, args) -> dict | None:
     gpu = f", peak GPU {result['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in result else ""
     print(f" {sum(result.get('seconds', [0])):.1f} s measured, peak RSS {result['peak_rss_mb']:.0f} MB{gpu}", flush=True)
     return result
+
+
+def workload_env(name: str) -> dict:
+    """ulma's workloads run under the allocator `ulma train` preloads (jemalloc or tcmalloc where
+    installed; ULMA_MALLOC=glibc for glibc's), as its users get them; TRL's under the system's."""
+    from ulma.memory import allocator_library
+
+    lib = allocator_library() if name.startswith("ulma-") else None
+    return {**os.environ, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()} if lib else dict(os.environ)
 
 
 def memory_mb(result: dict) -> float:
@@ -210,7 +219,8 @@ def collect(runs: list[dict], warmup: int) -> dict:
             **({k: max(r[k] for r in runs) for k in ("setup_peak_gpu_mb", "steps_peak_gpu_mb") if k in runs[0]}),
             "params": runs[0].get("params"), "trainable": runs[0].get("trainable"),
             "setup_seconds": runs[0].get("setup_seconds"),
-            "precomputed_reference": runs[0].get("precomputed_reference", False)}
+            "precomputed_reference": runs[0].get("precomputed_reference", False),
+            "allocator": runs[0].get("allocator")}
 
 
 def one_epoch(results: dict, name: str) -> float:
@@ -279,8 +289,18 @@ def mfu_table(results: dict, peak: dict) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def allocators(results: dict) -> str:
+    """Which malloc each tool's workloads ran under (host memory depends on it)."""
+    seen = {}
+    for name, r in results.items():
+        if name.startswith(("ulma-", "trl-")):
+            seen.setdefault(name.split("-")[0], set()).add(r.get("allocator") or "not recorded")
+    return "Allocators: " + "; ".join(f"{tool}: {', '.join(sorted(a))}" for tool, a in sorted(seen.items())) + "."
+
+
 def tables(results: dict, peak: dict) -> str:
-    return "\n\n".join(t for t in (table(results, peak), lever_table(results), mfu_table(results, peak)) if t)
+    parts = (table(results, peak), lever_table(results), mfu_table(results, peak), allocators(results))
+    return "\n\n".join(t for t in parts if t)
 
 
 def save(report: dict, out: Path, final: bool) -> None:

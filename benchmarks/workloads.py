@@ -417,7 +417,9 @@ def main(argv=None) -> int:
     memory = peak_memory_mb()
     if "setup_peak_gpu_mb" in result:  # the peak counter was reset after the setup
         memory["peak_gpu_mb"] = max(memory["peak_gpu_mb"], result["setup_peak_gpu_mb"])
-    result.update(name=a.name, pid=os.getpid(), **memory)
+    from ulma.memory import allocator_in_use
+
+    result.update(name=a.name, pid=os.getpid(), allocator=allocator_in_use(), **memory)
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, a.out)

@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
+        if argv is None and args.command == "train":  # the command line, not a call from Python
+            from ulma.memory import preload_allocator
+
+            preload_allocator(sys.orig_argv)  # jemalloc or tcmalloc where installed: runs again under it
         code = handler(args)
     except (*USER_ERRORS, UsageError, PushError) as e:
         if os.environ.get("ULMA_DEBUG"):

@@ -28,6 +28,7 @@ from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf
 from ulma.loop import Loop, NonFiniteLossError, make_optimizer, my_share, set_seed, step_plan, total_steps
 from ulma.losses import group_mean, weighted
 from ulma.methods import DEFAULT_LOOP, LOOPS, METHODS, LossInputs, logp_reduction, loss_inputs
+from ulma.memory import allocator_in_use
 from ulma.memory import release as release_memory
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 
@@ -517,7 +518,8 @@ class Trainer(Loop):
     def finish(self, results: dict) -> dict:
         results.update(config=to_dict(self.cfg), data=self.data.report, steps=self.total_steps,
                        skipped_steps=self.skipped_steps, processes=self.acc.num_processes,
-                       distributed=self._distributed_name(), compiled_layers=self.compiled_layers)
+                       distributed=self._distributed_name(), compiled_layers=self.compiled_layers,
+                       allocator=allocator_in_use())
         state_dict = self._full_state_dict()
         if self.acc.is_main_process:
             final = self.out / "final"
