@@ -68,6 +68,10 @@ LEVERS = [
                                                       "shape almost every step; a memory lever)"),
     ("ulma-ulma-lora-long", "ulma-ulma-lora-long-exact-widths", "widths rounded up to a multiple of 64, "
                                                                 "a long run (a memory lever)"),
+    ("ulma-ulma-lora", "ulma-ulma-lora-glibc", "jemalloc or tcmalloc preloaded where installed, as `ulma train` "
+                                               "runs (vs glibc's malloc; host memory)"),
+    ("ulma-ulma-lora-long", "ulma-ulma-lora-long-glibc", "jemalloc or tcmalloc where installed (vs glibc's "
+                                                         "malloc), a long run (host memory)"),
     ("ulma-ulma-lora", "ulma-ulma-lora-not-lean", "lean activations: silu(gate) recomputed in the backward, "
                                                   "bool dropout masks on a CPU (LoRA; memory)"),
     ("ulma-ulma-lora", "ulma-ulma-lora-unfused", "fused output layer: logits only at response tokens, chunked (LoRA)"),
@@ -193,10 +197,11 @@ def run_one(name: str, data: Path, work: Path, steps: int, args) -> dict | None:
 
 def workload_env(name: str) -> dict:
     """ulma's workloads run under the allocator `ulma train` preloads (jemalloc or tcmalloc where
-    installed; ULMA_MALLOC=glibc for glibc's), as its users get them; TRL's under the system's."""
+    installed; ULMA_MALLOC=glibc for glibc's), as its users get them; TRL's and the "-glibc"
+    levers under the system's malloc."""
     from ulma.memory import allocator_library
 
-    lib = allocator_library() if name.startswith("ulma-") else None
+    lib = allocator_library() if name.startswith("ulma-") and not name.endswith("-glibc") else None
     return {**os.environ, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()} if lib else dict(os.environ)
 
 

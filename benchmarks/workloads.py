@@ -329,6 +329,7 @@ KTO_AS_TRL = {"balance": False, "logp_reduction": "sum"}
 
 WORKLOADS = {
     "ulma-ulma-lora": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work),
+    "ulma-ulma-lora-glibc": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work),  # run.py: no preload
     "ulma-ulma-full": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work),
     # levers switched off, one at a time
     "ulma-ulma-lora-ungrouped": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
@@ -378,6 +379,7 @@ WORKLOADS = {
     "trl-kto-lora": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False),
     # a run's whole length (run.py --long-steps, on rows enough for it): memory of real runs
     "ulma-ulma-lora-long": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work),
+    "ulma-ulma-lora-long-glibc": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work),  # run.py: no preload
     "ulma-ulma-lora-long-exact-widths": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work,
                                                                  train={"pad_to_multiple_of": 1}),
     "trl-kto-lora-long": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False, learning_rate=3e-4),
