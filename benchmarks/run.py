@@ -72,6 +72,9 @@ LEVERS = [
                                                "runs (vs glibc's malloc; host memory)"),
     ("ulma-ulma-lora-long", "ulma-ulma-lora-long-glibc", "jemalloc or tcmalloc where installed (vs glibc's "
                                                          "malloc), a long run (host memory)"),
+    ("ulma-ulma-lora-long", "ulma-ulma-lora-long-8", "a run's length: --long-steps vs the same run's first 8 steps "
+                                                     "(host memory over a run)"),
+    ("ulma-ulma-lora-long-glibc", "ulma-ulma-lora-long-8-glibc", "a run's length under glibc's malloc"),
     ("ulma-ulma-lora", "ulma-ulma-lora-not-lean", "lean activations: silu(gate) recomputed in the backward, "
                                                   "bool dropout masks on a CPU (LoRA; memory)"),
     ("ulma-ulma-lora", "ulma-ulma-lora-unfused", "fused output layer: logits only at response tokens, chunked (LoRA)"),

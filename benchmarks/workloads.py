@@ -380,6 +380,9 @@ WORKLOADS = {
     # a run's whole length (run.py --long-steps, on rows enough for it): memory of real runs
     "ulma-ulma-lora-long": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work),
     "ulma-ulma-lora-long-glibc": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work),  # run.py: no preload
+    # the same run's first 8 steps (reference pass and evaluations included): the run's own start
+    "ulma-ulma-lora-long-8": lambda a: run_ulma_whole("ulma", True, a.data, 8, a.work),
+    "ulma-ulma-lora-long-8-glibc": lambda a: run_ulma_whole("ulma", True, a.data, 8, a.work),  # run.py: no preload
     "ulma-ulma-lora-long-exact-widths": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work,
                                                                  train={"pad_to_multiple_of": 1}),
     "trl-kto-lora-long": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False, learning_rate=3e-4),

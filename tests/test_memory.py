@@ -106,3 +106,15 @@ def test_ulma_train_runs_under_jemalloc_or_tcmalloc_where_installed(tiny_model_d
     found = Path(memory.allocator_library({})).name.split(".so")[0]
     used = _allocator_of_a_run(tiny_model_dir, pointwise_file, tmp_path, {"ULMA_MALLOC": "auto"})
     assert f"/{found}.so" in used and used.endswith("(preloaded)"), used
+
+
+def test_a_failed_start_again_goes_on_under_glibc(monkeypatch, capsys, tmp_path):
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    monkeypatch.setenv("ULMA_MALLOC", str(lib))
+    monkeypatch.delenv(memory.PRELOADED, raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))  # exec fails: no such file
+    assert memory.preload_allocator([str(tmp_path / "no-python"), "-m", "ulma", "train", "x.yaml"]) is None
+    assert f"could not start again with {lib} preloaded" in capsys.readouterr().err
+    assert "LD_PRELOAD" not in os.environ  # this process is unchanged

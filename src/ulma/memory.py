@@ -7,10 +7,10 @@ from its heap, where freed blocks stay resident for reuse.  By default the thres
 dynamic: it rises to the size of any mapped block that is freed, up to 32 MB, so after a
 run's first steps every activation comes from the heap.  Blocks of ever new sizes then
 leave holes that later blocks do not fit, and the heap only grows; ulma's batches come in a
-few widths for that reason (``train.pad_to_multiple_of``).  Even so, a step's blocks
-leave glibc's heap with holes the next blocks do not fit.  jemalloc and tcmalloc keep blocks
-of a size together and return unused pages over time, so ``ulma train`` runs under one of
-them where it is installed (:func:`preload_allocator`).  ``benchmarks/README.md`` ("Memory of
+few widths for that reason (``train.pad_to_multiple_of``), yet one step's blocks still leave
+such holes.  jemalloc and tcmalloc keep blocks of a size together and return unused pages
+over time, so ``ulma train`` runs under one of them where it is installed
+(:func:`preload_allocator`).  ``benchmarks/README.md`` ("Memory of
 long runs") has the traces of a long run under each.
 """
 
@@ -104,7 +104,10 @@ def preload_allocator(argv: list[str]) -> None:
     env = {**os.environ, "LD_PRELOAD": f"{lib} {preloaded}".strip(), PRELOADED: lib}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, argv, env)
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError as e:  # the run goes on under glibc's malloc rather than not at all
+        print(f"ulma: could not start again with {lib} preloaded ({e}); glibc's malloc it is", file=sys.stderr)
 
 
 def allocator_in_use() -> str:
