@@ -202,10 +202,10 @@ def workload_env(name: str) -> dict:
     """ulma's workloads run under the allocator `ulma train` preloads (jemalloc or tcmalloc where
     installed; ULMA_MALLOC=glibc for glibc's), as its users get them; TRL's and the "-glibc"
     levers under the system's malloc."""
-    from ulma.memory import allocator_library
+    from ulma.memory import allocator_library, preload_env
 
     lib = allocator_library() if name.startswith("ulma-") and not name.endswith("-glibc") else None
-    return {**os.environ, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip()} if lib else dict(os.environ)
+    return preload_env(lib) if lib else dict(os.environ)
 
 
 def memory_mb(result: dict) -> float:

@@ -329,7 +329,6 @@ KTO_AS_TRL = {"balance": False, "logp_reduction": "sum"}
 
 WORKLOADS = {
     "ulma-ulma-lora": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work),
-    "ulma-ulma-lora-glibc": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work),  # run.py: no preload
     "ulma-ulma-full": lambda a: run_ulma("ulma", False, a.data, a.steps, a.work),
     # levers switched off, one at a time
     "ulma-ulma-lora-ungrouped": lambda a: run_ulma("ulma", True, a.data, a.steps, a.work,
@@ -379,10 +378,8 @@ WORKLOADS = {
     "trl-kto-lora": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False),
     # a run's whole length (run.py --long-steps, on rows enough for it): memory of real runs
     "ulma-ulma-lora-long": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work),
-    "ulma-ulma-lora-long-glibc": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work),  # run.py: no preload
     # the same run's first 8 steps (reference pass and evaluations included): the run's own start
     "ulma-ulma-lora-long-8": lambda a: run_ulma_whole("ulma", True, a.data, 8, a.work),
-    "ulma-ulma-lora-long-8-glibc": lambda a: run_ulma_whole("ulma", True, a.data, 8, a.work),  # run.py: no preload
     "ulma-ulma-lora-long-exact-widths": lambda a: run_ulma_whole("ulma", True, a.data, a.steps, a.work,
                                                                  train={"pad_to_multiple_of": 1}),
     "trl-kto-lora-long": lambda a: run_trl("kto", True, a.data, a.steps, a.work, precompute=False, learning_rate=3e-4),
@@ -408,7 +405,8 @@ WORKLOADS = {
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=sorted(WORKLOADS))
+    # NAME-glibc: the workload NAME, which run.py starts without the allocator ulma train preloads
+    p.add_argument("name", choices=sorted([*WORKLOADS, *(f"{n}-glibc" for n in WORKLOADS if n.startswith("ulma-"))]))
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -418,7 +416,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    result = WORKLOADS[a.name](a)
+    result = WORKLOADS[a.name.removesuffix("-glibc")](a)
     memory = peak_memory_mb()
     if "setup_peak_gpu_mb" in result:  # the peak counter was reset after the setup
         memory["peak_gpu_mb"] = max(memory["peak_gpu_mb"], result["setup_peak_gpu_mb"])

@@ -98,16 +98,20 @@ def preload_allocator(argv: list[str]) -> None:
     process this started (which carries ``ULMA_MALLOC_PRELOADED``).  ``argv``: the command
     line as the interpreter got it (``sys.orig_argv``)."""
     lib = allocator_library()
-    preloaded = os.environ.get("LD_PRELOAD", "")
-    if lib is None or os.environ.get(PRELOADED) or lib in preloaded or not sys.executable:
+    if lib is None or os.environ.get(PRELOADED) or lib in os.environ.get("LD_PRELOAD", "") or not sys.executable:
         return
-    env = {**os.environ, "LD_PRELOAD": f"{lib} {preloaded}".strip(), PRELOADED: lib}
+    env = preload_env(lib)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execve(sys.executable, argv, env)
     except OSError as e:  # the run goes on under glibc's malloc rather than not at all
         print(f"ulma: could not start again with {lib} preloaded ({e}); glibc's malloc it is", file=sys.stderr)
+
+
+def preload_env(lib: str) -> dict:
+    """This process's environment with ``lib`` first in ``LD_PRELOAD``, marked as preloaded."""
+    return {**os.environ, "LD_PRELOAD": f"{lib} {os.environ.get('LD_PRELOAD', '')}".strip(), PRELOADED: lib}
 
 
 def allocator_in_use() -> str:
