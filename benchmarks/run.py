@@ -77,6 +77,11 @@ LEVERS = [
     ("ulma-ulma-lora-long-glibc", "ulma-ulma-lora-long-8-glibc", "a run's length under glibc's malloc"),
     ("ulma-ulma-lora", "ulma-ulma-lora-not-lean", "lean activations: silu(gate) recomputed in the backward, "
                                                   "bool dropout masks on a CPU (LoRA; memory)"),
+    ("ulma-ulma-lora", "ulma-ulma-lora-peft-lora", "LoRA branches recomputed in the backward (train.recompute_lora "
+                                                   "auto: on a GPU; off on a CPU with dropout, so equal there; memory)"),
+    # train.recompute_lora is off on a CPU with LoRA dropout: here "on" is the run with it
+    ("ulma-ulma-lora-recompute-lora", "ulma-ulma-lora", "LoRA branches recomputed on a CPU (train.recompute_lora=true)"),
+    ("ulma-ulma-lora-long-recompute-lora", "ulma-ulma-lora-long", "LoRA branches recomputed on a CPU, a long run"),
     ("ulma-ulma-lora", "ulma-ulma-lora-unfused", "fused output layer: logits only at response tokens, chunked (LoRA)"),
     ("ulma-ulma-full", "ulma-ulma-full-unfused", "fused output layer (full fine-tuning)"),
     ("ulma-ulma-full", "ulma-ulma-full-foreach-adamw", "fused AdamW (vs the per-tensor loop), full fine-tuning"),

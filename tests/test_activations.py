@@ -1,5 +1,5 @@
 """ulma.activations: gated MLPs that keep gate and up, not silu(gate), for the backward;
-dropout that keeps a bool mask."""
+dropout that keeps a bool mask; LoRA branches recomputed in the backward."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ulma.activations import MaskDropout, SiluMul, lean_activations
+from ulma.activations import MaskDropout, SiluMul, keep_less, lean_activations, recompute_lora
 
 
 def test_silu_mul_by_hand():
@@ -129,3 +129,105 @@ def test_lora_dropouts_become_mask_dropouts():
     assert lean_activations(model) == {"gated_mlps": 3, "dropouts": 2 * 3}
     drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(drops) == 6 and all(type(m) is MaskDropout and m.p == 0.1 for m in drops)
+
+
+def lora_llama(dropout=0.1):
+    """tiny_llama with LoRA r=4 on q/k/v/o; B drawn (PEFT starts it at zero) so that every
+    LoRA weight gets a gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=dropout,
+                                                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    g = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5, generator=g)
+    lean_activations(model)
+    return model.train()
+
+
+def kept_by_storage(model, ids, bf16):
+    """{storage: (dtype, shape, bytes)} of the distinct tensors a training forward keeps
+    (parameters aside), the loss, and the trainable parameters' gradients after its backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            kept.setdefault(s.data_ptr(), (t.dtype, tuple(t.shape), s.nbytes()))
+        return t
+
+    torch.manual_seed(5)  # the dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids).logits.float().square().mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return list(kept.values()), loss, grads
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_recomputed_lora_branches_train_bit_for_bit_and_keep_less(bf16):
+    """3 layers, 4 adapters each, 2 x 7 tokens of width 16, rank 4.  PEFT's own forward keeps,
+    per adapter, A's input [14, 16] (under autocast a bf16 cast of it), B's input [14, 4] and,
+    where the input needs a gradient, dropout's bool mask [2, 7, 16]; recomputed, none of
+    them, and one more float32 [2, 7, 16] a layer: the input q, k and v share."""
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    eager, lean = lora_llama(), lora_llama()
+    assert recompute_lora(lean) == 3 * 4
+    assert recompute_lora(lean) == 0  # once per layer
+    kept_eager, loss_eager, grads_eager = kept_by_storage(eager, ids, bf16)
+    kept_lean, loss_lean, grads_lean = kept_by_storage(lean, ids, bf16)
+    assert torch.equal(loss_eager, loss_lean)
+    assert len(grads_eager) == 3 * 4 * 2 and all(g is not None and g.abs().sum() > 0 for g in grads_eager.values())
+    for name, g in grads_eager.items():
+        assert torch.equal(g, grads_lean[name]), name  # the same masks drawn again, the same products
+    size = 2 if bf16 else 4
+    lora_kept = {(torch.bool, (2, 7, 16), 2 * 7 * 16): 3 * 4 - 3,  # layer 0's q/k/v read frozen embeddings
+                 (torch.bfloat16 if bf16 else torch.float32, (14, 16), 14 * 16 * size): 3 * 4,
+                 (torch.bfloat16 if bf16 else torch.float32, (14, 4), 14 * 4 * size): 3 * 4}
+    for key, n in lora_kept.items():
+        assert kept_eager.count(key) == n and kept_lean.count(key) == 0, key
+    saved = sum(k[2] * n for k, n in lora_kept.items()) - 3 * 2 * 7 * 16 * 4
+    eager_bytes, lean_bytes = (sum(k[2] for k in kept) for kept in (kept_eager, kept_lean))
+    assert eager_bytes - lean_bytes >= saved  # and the casts of A and B under autocast
+
+
+def test_recomputed_lora_falls_back_to_peft_where_its_forward_is_not_the_plain_one():
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    eager, lean = lora_llama(), lora_llama()
+    recompute_lora(lean)
+    for model in (eager, lean):
+        model.eval()
+    with torch.no_grad():  # nothing to record: PEFT's own forward
+        assert torch.equal(eager(input_ids=ids).logits, lean(input_ids=ids).logits)
+    with lean.disable_adapter(), torch.no_grad():  # adapters off: the base model's logits
+        base = lean(input_ids=ids).logits
+    assert not torch.equal(base, eager(input_ids=ids).logits.detach())
+    lean.merge_adapter()  # merged: PEFT's base layer alone, the same function
+    assert torch.allclose(lean(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-5)
+
+
+def test_an_unknown_peft_forward_is_left_alone():
+    model = lora_llama()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.forward = layer.forward  # an instance's own forward (as a patch would set) is never replaced
+    assert recompute_lora(model) == 3 * 4 - 1
+
+
+@pytest.mark.parametrize("setting,device,dropout,checkpointing,patched", [
+    ("auto", "cpu", 0.1, False, 0),  # a CPU would redraw dropout: off
+    ("auto", "cpu", 0.0, False, 12),  # nothing to redraw: on
+    ("auto", "cuda", 0.1, False, 12),  # a GPU's dropout draw is cheap: on
+    (True, "cpu", 0.1, False, 12),
+    (False, "cuda", 0.0, False, 0),
+    (True, "cpu", 0.1, True, 0),  # whole layers are rerun already
+])
+def test_keep_less_applies_recompute_lora_as_set(setting, device, dropout, checkpointing, patched):
+    from ulma.config import LoraConfig, TrainConfig
+
+    model = lora_llama(dropout)
+    keep_less(model, TrainConfig(recompute_lora=setting, gradient_checkpointing=checkpointing),
+              LoraConfig(enabled=True, dropout=dropout), device)
+    assert sum("forward" in m.__dict__ and hasattr(m, "lora_A") for m in model.modules()) == patched

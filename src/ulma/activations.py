@@ -12,18 +12,27 @@ Dropout on a CPU (LoRA's, before each adapter) keeps its scaled mask in the inpu
 :class:`MaskDropout` keeps the bool mask on a CPU too and rebuilds the scaled one in the
 backward.
 
+A LoRA adapter (PEFT's ``lora.Linear``) computes ``base(x) + B(A(dropout(x))) * scaling``.
+Eagerly each adapter keeps its dropout mask and a bf16 copy of the dropped input for A's
+gradient, though q, k and v read the same ``x``.  :func:`_lean_lora_forward` runs the adapter
+branch under ``torch.utils.checkpoint``: it keeps ``x`` (one tensor for q, k and v) and the
+random state, and reruns dropout, A and B (a rank-r product, cheap beside the base layer's) in
+the backward.
+
 Values and gradients are those of the eager ops, bit for bit (the same kernels, in the same
 order, drawing the same random numbers).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 import types
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # The forward of transformers' Llama-family MLPs, whitespace removed.  Only a module whose
 # class runs exactly this is changed: any other code (a bias, a scaling, a different
@@ -106,6 +115,51 @@ class MaskDropout(torch.nn.Dropout):
         return _BoolMaskDropout.apply(x, self.p)
 
 
+# SHA-256 of PEFT's ``lora.Linear.forward`` source, whitespace removed, for the versions whose
+# plain path :func:`_lean_lora_forward` repeats; any other version keeps its own forward.
+_PEFT_LORA_FORWARDS = {
+    "6258e443c7a12107",  # peft 0.21
+}
+
+
+def _is_known_lora_linear(module: torch.nn.Module) -> bool:
+    if "forward" in module.__dict__ or not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
+        return False
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return hashlib.sha256(re.sub(r"\s+", "", source).encode()).hexdigest()[:16] in _PEFT_LORA_FORWARDS
+
+
+def _plain_adapter(layer, kwargs: dict) -> str | None:
+    """The one active vanilla LoRA adapter of ``layer`` when its forward takes PEFT's plain
+    path (no keyword arguments) with a graph to record; else None (PEFT's own forward runs)."""
+    active = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
+    if (not torch.is_grad_enabled() or layer.disable_adapters or layer.merged or len(active) != 1
+            or active[0] in getattr(layer, "lora_variant", {}) or kwargs):
+        return None
+    return active[0]
+
+
+def _lora_branch(x: torch.Tensor, layer, adapter: str) -> torch.Tensor:
+    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    x = layer._cast_input_dtype(x, lora_A.weight.dtype)
+    return lora_B(lora_A(layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
+
+
+def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's plain LoRA forward with the adapter branch recomputed in the backward (the
+    random state kept, so dropout draws the same mask again)."""
+    adapter = _plain_adapter(self, kwargs)
+    if adapter is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    self._check_forward_args(x, *args)
+    result = self.base_layer(x, *args)
+    branch = checkpoint(_lora_branch, x, self, adapter, use_reentrant=False)
+    return (result + branch).to(result.dtype)
+
+
 def lean_activations(model: torch.nn.Module) -> dict:
     """Make ``model`` keep less for its backward at the same values, in place (before a
     compile or a copy of the model): every SiLU-gated MLP computes its product with
@@ -121,3 +175,28 @@ def lean_activations(model: torch.nn.Module) -> dict:
                 setattr(module, name, MaskDropout(child.p, child.inplace))
                 n["dropouts"] += 1
     return n
+
+
+def recompute_lora(model: torch.nn.Module) -> int:
+    """Make every LoRA Linear of ``model`` (of a known PEFT version) recompute its adapter
+    branch in the backward (:func:`_lean_lora_forward`), in place; returns how many."""
+    n = 0
+    for module in list(model.modules()):
+        if _is_known_lora_linear(module):
+            module.forward = types.MethodType(_lean_lora_forward, module)
+            n += 1
+    return n
+
+
+def keep_less(model: torch.nn.Module, train, lora, device_type: str) -> None:
+    """What a training forward of ``model`` keeps, as ``train`` (a TrainConfig) sets it:
+    ``lean_activations`` and ``recompute_lora`` (auto: on unless LoRA's dropout would be
+    redrawn on a CPU, where the draw costs ~15% of a step; never under gradient
+    checkpointing, which reruns whole layers already).  ``lora``: the model's LoraConfig."""
+    if train.lean_activations:
+        lean_activations(model)
+    on = train.recompute_lora
+    if on == "auto":
+        on = device_type != "cpu" or not (lora.enabled and lora.dropout > 0)
+    if on and not getattr(train, "gradient_checkpointing", False):
+        recompute_lora(model)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ulma import checkpoint as ckpt, tracking
-from ulma.activations import lean_activations
+from ulma.activations import keep_less
 from ulma.atomic import atomic_torch_save, atomic_write_json
 from ulma.backward_step import BackwardStep
 from ulma.config import Config, ConfigError, to_dict, validate
@@ -106,8 +106,7 @@ class Trainer(Loop):
         frozen = self.bf16 and cfg.train.bf16_frozen_weights and not (self.fsdp or self.deepspeed)
         frozen = torch.bfloat16 if frozen else None
         self.model = load_policy(cfg.model, self.acc.device, frozen, model=model)
-        if cfg.train.lean_activations:
-            lean_activations(self.model)
+        keep_less(self.model, cfg.train, cfg.model.lora, self.acc.device.type)
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and no_sync
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ckpt.check_space(self.out, self.model, self.tokenizer, cfg.train.keep_checkpoints)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ulma import checkpoint as ckpt
-from ulma.activations import lean_activations
+from ulma.activations import keep_less
 from ulma.atomic import atomic_write_json
 from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split
@@ -300,8 +300,7 @@ class PPOTrainer(DataParallelLoop):
         # updates) runs under autocast, so frozen Linears are stored in bf16 (models.store_frozen_linears)
         frozen = torch.bfloat16 if self.bf16 and cfg.train.bf16_frozen_weights else None
         self.policy = load_policy(cfg.model, self.device, frozen).eval()  # eval: no dropout, ratio 1 on the first epoch
-        if cfg.train.lean_activations:
-            lean_activations(self.policy)
+        keep_less(self.policy, cfg.train, cfg.model.lora, self.device.type)
         self.value_head = ValueHead(self.policy.config.hidden_size).to(self.device)
         self.reference = Reference(self.policy, keep_copy=not is_peft(self.policy), frozen_dtype=frozen)
         self.reward = reward if reward is not None else self._reward_model()

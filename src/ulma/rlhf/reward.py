@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ulma import checkpoint as ckpt
-from ulma.activations import lean_activations
+from ulma.activations import keep_less
 from ulma.atomic import atomic_write_json
 from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split, prepare
@@ -181,8 +181,7 @@ class RewardTrainer(DataParallelLoop):
         # Not train.bf16_frozen_weights: the trained model is saved with LoRA merged into the
         # base, and a base stored in bf16 would round the merged weights (the adapter's delta too).
         self.model = load_reward_model(cfg.model, self.tokenizer, self.device)
-        if cfg.train.lean_activations:
-            lean_activations(self.model)
+        keep_less(self.model, cfg.train, cfg.model.lora, self.device.type)
         if cfg.train.gradient_checkpointing:  # non-reentrant: works with LoRA's frozen inputs
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.bf16 = use_bf16(cfg.train.bf16, self.device)
