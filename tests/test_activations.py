@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ulma.activations import MaskDropout, SiluMul, keep_less, lean_activations, recompute_lora
+from ulma.activations import MaskDropout, SiluMul, keep_less, lean_activations, pack_bits, recompute_lora, unpack_bits
 
 
 def test_silu_mul_by_hand():
@@ -172,7 +172,8 @@ def test_recomputed_lora_branches_train_bit_for_bit_and_keep_less(bf16):
     """3 layers, 4 adapters each, 2 x 7 tokens of width 16, rank 4.  PEFT's own forward keeps,
     per adapter, A's input [14, 16] (under autocast a bf16 cast of it), B's input [14, 4] and,
     where the input needs a gradient, dropout's bool mask [2, 7, 16]; recomputed, none of
-    them, and one more float32 [2, 7, 16] a layer: the input q, k and v share."""
+    them, one more float32 [2, 7, 16] a layer (the input q, k and v share) and each mask as
+    bits (28 bytes)."""
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
     eager, lean = lora_llama(), lora_llama()
     assert recompute_lora(lean) == 3 * 4
@@ -189,7 +190,8 @@ def test_recomputed_lora_branches_train_bit_for_bit_and_keep_less(bf16):
                  (torch.bfloat16 if bf16 else torch.float32, (14, 4), 14 * 4 * size): 3 * 4}
     for key, n in lora_kept.items():
         assert kept_eager.count(key) == n and kept_lean.count(key) == 0, key
-    saved = sum(k[2] * n for k, n in lora_kept.items()) - 3 * 2 * 7 * 16 * 4
+    saved = sum(k[2] * n for k, n in lora_kept.items()) - 3 * 2 * 7 * 16 * 4 - 3 * 4 * 2 * 7 * 16 // 8
+    assert kept_lean.count((torch.uint8, (2 * 7 * 16 // 8,), 2 * 7 * 16 // 8)) == 3 * 4  # the masks as bits
     eager_bytes, lean_bytes = (sum(k[2] for k in kept) for kept in (kept_eager, kept_lean))
     assert eager_bytes - lean_bytes >= saved  # and the casts of A and B under autocast
 
@@ -231,3 +233,13 @@ def test_keep_less_applies_recompute_lora_as_set(setting, device, dropout, check
     keep_less(model, TrainConfig(recompute_lora=setting, gradient_checkpointing=checkpointing),
               LoraConfig(enabled=True, dropout=dropout), device)
     assert sum("forward" in m.__dict__ and hasattr(m, "lora_A") for m in model.modules()) == patched
+
+
+def test_pack_bits_by_hand():
+    """8 elements a byte, the first in the lowest bit; a last byte partly filled."""
+    mask = torch.tensor([True, False, True, True, False, False, False, False, True])
+    assert pack_bits(mask).tolist() == [1 + 4 + 8, 1]
+    assert pack_bits(torch.ones(2, 8, dtype=torch.bool)).tolist() == [255, 255]
+    for shape in [(1,), (3, 5), (2, 7, 16)]:
+        m = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) < 0.5
+        assert torch.equal(unpack_bits(pack_bits(m), m.shape), m)

@@ -13,10 +13,11 @@ Dropout on a CPU (LoRA's, before each adapter) keeps its scaled mask in the inpu
 backward.
 
 A LoRA adapter (PEFT's ``lora.Linear``) computes ``base(x) + B(A(dropout(x))) * scaling``.
-Eagerly each adapter keeps its dropout mask and a bf16 copy of the dropped input for A's
-gradient, though q, k and v read the same ``x``.  :func:`_lean_lora_forward` runs the adapter
-branch under ``torch.utils.checkpoint``: it keeps ``x`` (one tensor for q, k and v) and the
-random state, and reruns dropout, A and B (a rank-r product, cheap beside the base layer's) in
+Eagerly each adapter keeps its dropout mask, a bf16 copy of the dropped input for A's
+gradient and B's input, though q, k and v read the same ``x``.  :func:`_lean_lora_forward`
+runs the adapter branch under ``torch.utils.checkpoint``: it keeps ``x`` (one tensor for q, k
+and v) and the mask (as bits on a CPU; as the random state on CUDA, whose fused kernel redraws
+it cheaply), and reruns dropout, A and B (rank-r products, cheap beside the base layer's) in
 the backward.
 
 Values and gradients are those of the eager ops, bit for bit (the same kernels, in the same
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import re
 import types
 
@@ -142,22 +144,56 @@ def _plain_adapter(layer, kwargs: dict) -> str | None:
     return active[0]
 
 
-def _lora_branch(x: torch.Tensor, layer, adapter: str) -> torch.Tensor:
+def _lora_branch(x: torch.Tensor, keep: torch.Tensor | None, layer, adapter: str) -> torch.Tensor:
+    """``lora_B(lora_A(dropout(x))) * scaling`` as PEFT computes it; ``keep``: dropout's mask
+    drawn already, as bits (:func:`pack_bits`), else the adapter's dropout module draws it."""
     lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
     x = layer._cast_input_dtype(x, lora_A.weight.dtype)
-    return lora_B(lora_A(layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
+    if keep is None:
+        dropped = layer.lora_dropout[adapter](x)
+    else:  # as torch's CPU dropout: x times the mask scaled by 1 / (1 - p)
+        dropped = x * unpack_bits(keep, x.shape).to(x.dtype).div_(1 - layer.lora_dropout[adapter].p)
+    return lora_B(lora_A(dropped)) * layer.scaling[adapter]
+
+
+def _draws_on_cpu(dropout: torch.nn.Module, x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and isinstance(dropout, torch.nn.Dropout) and dropout.training
+            and not dropout.inplace and 0 < dropout.p < 1)
 
 
 def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's plain LoRA forward with the adapter branch recomputed in the backward (the
-    random state kept, so dropout draws the same mask again)."""
+    """PEFT's plain LoRA forward with the adapter branch recomputed in the backward.  On a
+    CPU, dropout's mask is drawn here, as torch's CPU dropout draws it, and kept as bits: a
+    CPU draws slowly (~6 ns an element, more than the rank-r products), so it is not drawn
+    twice.  Elsewhere (CUDA's fused dropout) the random state is kept and the mask redrawn."""
     adapter = _plain_adapter(self, kwargs)
     if adapter is None:
         return type(self).forward(self, x, *args, **kwargs)
     self._check_forward_args(x, *args)
     result = self.base_layer(x, *args)
-    branch = checkpoint(_lora_branch, x, self, adapter, use_reentrant=False)
+    dropout = self.lora_dropout[adapter]
+    if _draws_on_cpu(dropout, x):
+        keep = pack_bits(torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - dropout.p))
+        branch = checkpoint(_lora_branch, x, keep, self, adapter, use_reentrant=False, preserve_rng_state=False)
+    else:
+        branch = checkpoint(_lora_branch, x, None, self, adapter, use_reentrant=False)
     return (result + branch).to(result.dtype)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bits, 8 elements a byte (the first in the lowest bit)."""
+    flat = mask.reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8).to(torch.uint8)
+    return (flat << _SHIFTS.to(flat.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """:func:`pack_bits` undone: the bool tensor of ``shape``."""
+    flat = (bits[:, None] >> _SHIFTS.to(bits.device)) & 1
+    return flat.view(-1)[: math.prod(shape)].view(shape).bool()
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 def lean_activations(model: torch.nn.Module) -> dict:
