@@ -226,9 +226,9 @@ def recompute_lora(model: torch.nn.Module) -> int:
 
 def keep_less(model: torch.nn.Module, train, lora, device_type: str) -> None:
     """What a training forward of ``model`` keeps, as ``train`` (a TrainConfig) sets it:
-    ``lean_activations`` and ``recompute_lora`` (auto: on unless LoRA's dropout would be
-    redrawn on a CPU, where the draw costs ~15% of a step; never under gradient
-    checkpointing, which reruns whole layers already).  ``lora``: the model's LoraConfig."""
+    ``lean_activations`` and ``recompute_lora`` (auto: on unless LoRA has dropout on a CPU,
+    where the mask's bits and the dropped input rebuilt in the backward cost ~10% of a step;
+    never under gradient checkpointing, which reruns whole layers already).  ``lora``: the model's LoraConfig."""
     if train.lean_activations:
         lean_activations(model)
     on = train.recompute_lora
