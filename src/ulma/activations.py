@@ -164,8 +164,8 @@ def _draws_on_cpu(dropout: torch.nn.Module, x: torch.Tensor) -> bool:
 def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's plain LoRA forward with the adapter branch recomputed in the backward.  On a
     CPU, dropout's mask is drawn here, as torch's CPU dropout draws it, and kept as bits: a
-    CPU draws slowly (~6 ns an element, more than the rank-r products), so it is not drawn
-    twice.  Elsewhere (CUDA's fused dropout) the random state is kept and the mask redrawn."""
+    CPU draws slowly (more time than the rank-r products), so it is not drawn twice.
+    Elsewhere (CUDA's fused dropout) the random state is kept and the mask redrawn."""
     adapter = _plain_adapter(self, kwargs)
     if adapter is None:
         return type(self).forward(self, x, *args, **kwargs)
@@ -227,7 +227,7 @@ def recompute_lora(model: torch.nn.Module) -> int:
 def keep_less(model: torch.nn.Module, train, lora, device_type: str) -> None:
     """What a training forward of ``model`` keeps, as ``train`` (a TrainConfig) sets it:
     ``lean_activations`` and ``recompute_lora`` (auto: on unless LoRA has dropout on a CPU,
-    where the mask's bits and the dropped input rebuilt in the backward cost ~10% of a step;
+    where rebuilding the dropped input from the mask's bits slows a step (benchmarks/README.md);
     never under gradient checkpointing, which reruns whole layers already).  ``lora``: the model's LoraConfig."""
     if train.lean_activations:
         lean_activations(model)

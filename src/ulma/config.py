@@ -99,7 +99,7 @@ class TrainConfig:
     # bool mask on a CPU (as CUDA's does), not a float one
     recompute_lora: Union[bool, Literal["auto"]] = "auto"  # LoRA adapters rerun dropout and their rank-r products
     # in the backward, keeping one input for q/k/v instead of a mask and a copy each (ulma.activations); auto = on
-    # a GPU, or with lora.dropout 0 (on a CPU, the dropout mask kept as bits and rebuilt costs ~10% of a step)
+    # a GPU, or with lora.dropout 0 (on a CPU, rebuilding the dropped input from the mask slows a step: docs/speed.md)
     fused_logps: bool = True  # output layer only at scored positions, chunked: no [N, T, V] logits (logprobs.py)
     share_prompts: bool = True  # rows with one prompt (a pair's two responses) packed, the prompt run once (logprobs.py)
     pad_to_multiple_of: int = 64  # batch widths and scored-token counts rounded up to this (1: none): a few shapes
