@@ -211,6 +211,25 @@ def test_recomputed_lora_falls_back_to_peft_where_its_forward_is_not_the_plain_o
     assert torch.allclose(lean(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-5)
 
 
+def test_dora_adapters_train_through_peft_own_forward():
+    """A LoRA variant (DoRA) is not the plain path: PEFT's forward runs, the same gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for patch in (False, True):
+        model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.1, use_dora=True,
+                                                        target_modules=["q_proj", "v_proj"])).train()
+        if patch:
+            assert recompute_lora(model) == 3 * 2
+        torch.manual_seed(5)
+        model(input_ids=ids).logits.float().square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert len(grads[0]) == 3 * 2 * 3  # A, B and the magnitude vector of each adapter
+    for name, g in grads[0].items():
+        assert torch.equal(g, grads[1][name]), name
+
+
 def test_an_unknown_peft_forward_is_left_alone():
     model = lora_llama()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
