@@ -43,20 +43,28 @@ def tiny_llama(**kw):
     return LlamaForCausalLM(cfg)
 
 
-def saved_bytes(model, ids):
-    """Bytes of the distinct tensors a training forward keeps for its backward, parameters aside."""
+def kept_tensors(model, ids, bf16=False):
+    """(dtype, shape, bytes) of each distinct tensor (by storage) a training forward keeps for
+    its backward, parameters aside, and the forward's loss."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept = {}
 
     def pack(t):
         s = t.untyped_storage()
         if s.data_ptr() not in params:
-            kept[s.data_ptr()] = s.nbytes()
+            kept.setdefault(s.data_ptr(), (t.dtype, tuple(t.shape), s.nbytes()))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(input_ids=ids).logits.float().square().mean()
-    return sum(kept.values()), loss
+    return list(kept.values()), loss
+
+
+def saved_bytes(model, ids):
+    """Bytes of the distinct tensors a training forward keeps for its backward, parameters aside."""
+    kept, loss = kept_tensors(model, ids)
+    return sum(k[2] for k in kept), loss
 
 
 def test_lean_mlps_keep_one_mlp_wide_tensor_less_per_layer_and_train_the_same():
@@ -147,24 +155,12 @@ def lora_llama(dropout=0.1):
 
 
 def kept_by_storage(model, ids, bf16):
-    """{storage: (dtype, shape, bytes)} of the distinct tensors a training forward keeps
-    (parameters aside), the loss, and the trainable parameters' gradients after its backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            kept.setdefault(s.data_ptr(), (t.dtype, tuple(t.shape), s.nbytes()))
-        return t
-
-    torch.manual_seed(5)  # the dropout masks
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids).logits.float().square().mean()
+    """:func:`kept_tensors` with the dropout masks seeded, and the trainable parameters'
+    gradients after the backward."""
+    torch.manual_seed(5)
+    kept, loss = kept_tensors(model, ids, bf16)
     loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    return list(kept.values()), loss, grads
+    return kept, loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -78,14 +78,19 @@ def _is_silu(act) -> bool:
         return torch.equal(act(probe), F.silu(probe))
 
 
-def _is_gated_silu_mlp(module: torch.nn.Module) -> bool:
-    if "forward" in module.__dict__ or not _is_silu(getattr(module, "act_fn", None)):
-        return False
+def _class_forward(module: torch.nn.Module) -> str | None:
+    """The source of ``module``'s class forward, whitespace removed; None where it cannot be
+    read or the module has a forward of its own (patched already)."""
+    if "forward" in module.__dict__:
+        return None
     try:
-        source = inspect.getsource(type(module).forward)
+        return re.sub(r"\s+", "", inspect.getsource(type(module).forward))
     except (OSError, TypeError):
-        return False
-    return re.sub(r"\s+", "", source) in _GATED_FORWARDS
+        return None
+
+
+def _is_gated_silu_mlp(module: torch.nn.Module) -> bool:
+    return _is_silu(getattr(module, "act_fn", None)) and _class_forward(module) in _GATED_FORWARDS
 
 
 class _BoolMaskDropout(torch.autograd.Function):
@@ -125,13 +130,10 @@ _PEFT_LORA_FORWARDS = {
 
 
 def _is_known_lora_linear(module: torch.nn.Module) -> bool:
-    if "forward" in module.__dict__ or not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
+    if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")):
         return False
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    return hashlib.sha256(re.sub(r"\s+", "", source).encode()).hexdigest()[:16] in _PEFT_LORA_FORWARDS
+    source = _class_forward(module)
+    return source is not None and hashlib.sha256(source.encode()).hexdigest()[:16] in _PEFT_LORA_FORWARDS
 
 
 def _plain_adapter(layer, kwargs: dict) -> str | None:
@@ -183,8 +185,9 @@ def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor as uint8 bits, 8 elements a byte (the first in the lowest bit)."""
     flat = mask.reshape(-1)
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8).to(torch.uint8)
-    return (flat << _SHIFTS.to(flat.device)).sum(-1, dtype=torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    return (flat.view(torch.uint8).view(-1, 8) << _SHIFTS.to(flat.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -226,13 +229,17 @@ def recompute_lora(model: torch.nn.Module) -> int:
 
 def keep_less(model: torch.nn.Module, train, lora, device_type: str) -> None:
     """What a training forward of ``model`` keeps, as ``train`` (a TrainConfig) sets it:
-    ``lean_activations`` and ``recompute_lora`` (auto: on unless LoRA has dropout on a CPU,
-    where rebuilding the dropped input from the mask's bits slows a step (benchmarks/README.md);
-    never under gradient checkpointing, which reruns whole layers already).  ``lora``: the model's LoraConfig."""
+    ``lean_activations``; ``gradient_checkpointing`` (non-reentrant: it works with LoRA's
+    frozen inputs and DDP's no_sync); ``recompute_lora`` (auto: on unless LoRA has dropout on
+    a CPU, where rebuilding the dropped input from the mask's bits slows a step; never under
+    gradient checkpointing, which reruns whole layers already).  ``lora``: a LoraConfig."""
     if train.lean_activations:
         lean_activations(model)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
     on = train.recompute_lora
     if on == "auto":
         on = device_type != "cpu" or not (lora.enabled and lora.dropout > 0)
-    if on and not getattr(train, "gradient_checkpointing", False):
+    if on:
         recompute_lora(model)

@@ -28,8 +28,7 @@ from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf
 from ulma.loop import Loop, NonFiniteLossError, make_optimizer, my_share, set_seed, step_plan, total_steps
 from ulma.losses import group_mean, weighted
 from ulma.methods import DEFAULT_LOOP, LOOPS, METHODS, LossInputs, logp_reduction, loss_inputs
-from ulma.memory import allocator_in_use
-from ulma.memory import release as release_memory
+from ulma.memory import allocator_in_use, release as release_memory
 from ulma.models import Reference, is_peft, load_policy, load_tokenizer, trainable_parameters
 
 
@@ -107,8 +106,6 @@ class Trainer(Loop):
         frozen = torch.bfloat16 if frozen else None
         self.model = load_policy(cfg.model, self.acc.device, frozen, model=model)
         keep_less(self.model, cfg.train, cfg.model.lora, self.acc.device.type)
-        if cfg.train.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and no_sync
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ckpt.check_space(self.out, self.model, self.tokenizer, cfg.train.keep_checkpoints)
         keep_copy = cfg.model.reference == "live" and self.method.needs_reference
         self.reference = Reference(self.model, keep_copy=keep_copy, frozen_dtype=frozen)

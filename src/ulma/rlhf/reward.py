@@ -182,8 +182,6 @@ class RewardTrainer(DataParallelLoop):
         # base, and a base stored in bf16 would round the merged weights (the adapter's delta too).
         self.model = load_reward_model(cfg.model, self.tokenizer, self.device)
         keep_less(self.model, cfg.train, cfg.model.lora, self.device.type)
-        if cfg.train.gradient_checkpointing:  # non-reentrant: works with LoRA's frozen inputs
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.bf16 = use_bf16(cfg.train.bf16, self.device)
         t, world = cfg.train, self.acc.num_processes
         self.total_steps = total_steps(t, math.ceil(len(self.data.train) / (t.micro_batch_size * world)), t.grad_accum)
