@@ -263,6 +263,18 @@ def test_shared_prompts_equal_whole_rows(tiny_model_dir, tokenizer):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), n
 
 
+def test_packs_prompts_where_forward_logps_packs_them(tiny_model_dir):
+    """Packing needs the fused output layer, share_prompts and SDPA attention (its mask)."""
+    from ulma.logprobs import hidden_size, packs_prompts
+
+    model = _tiny_policy(tiny_model_dir, lora=False)
+    assert hidden_size(model) == model.config.hidden_size > 0
+    assert packs_prompts(model) and packs_prompts(model, fused=True, share_prompts=True)
+    assert not packs_prompts(model, fused=False) and not packs_prompts(model, share_prompts=False)
+    model.config._attn_implementation = "eager"
+    assert not packs_prompts(model)
+
+
 def test_packing_is_used_only_where_it_costs_less():
     """Two rows share a 1-token prompt, each with a 10-token response: T = 11, packed W = 21.
     Tokens: 1 x 21 < 2 x 11.  Cost per row W x (6h + W): h = 1 -> 567 > 2 x 11 x 17 = 374

@@ -130,3 +130,73 @@ def test_length_grouping_runs_the_heaviest_micro_batch_first():
     # without grouping nothing moves: the first micro-batch is the shuffle's
     firsts = {tuple(epoch_plan(units_of([3, 9, 4, 8, 2, 5]), 2, 1, seed, 0, False)[0]) for seed in range(6)}
     assert len(firsts) > 1
+
+
+def _shape_table():
+    """Prompt A = [1, 2, 3] with responses of 4, 2 and 3 tokens (rows 0, 1, 3: 7, 5, 6
+    tokens); prompt B = [9, 9, 9, 9] with a response of 2 (row 2: 6 tokens)."""
+    from ulma.data.tokenize import Sequence, SequenceTable
+
+    return SequenceTable([Sequence([1, 2, 3, 4, 5, 6, 7], 3), Sequence([1, 2, 3, 8, 9], 3),
+                          Sequence([9, 9, 9, 9, 4, 5], 4), Sequence([1, 2, 3, 6, 6, 6], 3)])
+
+
+def test_forward_shape_by_hand():
+    """Unpacked: 4 rows x 7.  Packed: A = 3 + 4 + 2 + 3 = 12, B = 6 -> 2 rows x 12.
+    Tokens: 24 < 28 -> packed.  multiple 8: 2 x 16 = 32, not below 4 x 8 = 32 -> unpacked.
+    hidden 1: 2 x 12 x (6 + 12) = 432 > 4 x 7 x (6 + 7) = 364 -> unpacked."""
+    from ulma.data.tokenize import forward_shape
+
+    seqs = _shape_table().sequences
+    assert forward_shape(seqs) == (4, 7)
+    assert forward_shape(seqs, share_prompts=True) == (2, 12)
+    assert forward_shape(seqs, share_prompts=True, multiple=8) == (4, 8)
+    assert forward_shape(seqs, share_prompts=True, hidden=1) == (4, 7)
+    assert forward_shape(seqs[:3], share_prompts=True) == (2, 9)  # A = 3 + 4 + 2: 18 < 3 x 7
+
+
+def test_forward_shape_is_the_shape_pack_prompts_runs():
+    """A second implementation: the collated batch through logprobs.pack_prompts (tensors)
+    gives the shape forward_shape predicts from the rows, on random tables."""
+    import random
+
+    from ulma.data.tokenize import Sequence, SequenceTable, forward_shape, pad_rows
+    from ulma.logprobs import pack_prompts
+
+    rng = random.Random(0)
+    prompts = [[7] * 3, [8] * 9, [5, 6]]
+    packed_seen = unpacked_seen = 0
+    for _ in range(200):
+        n = rng.randint(2, 8)
+        seqs = [Sequence(p + [rng.randint(10, 20)] * rng.randint(1, 12), len(p))
+                for p in (rng.choice(prompts) for _ in range(n))]
+        hidden, multiple = rng.choice([0, 1, 64]), rng.choice([1, 4])
+        batch = pad_rows(SequenceTable(seqs), list(range(n)), 0, multiple)
+        pack = pack_prompts(batch, hidden, multiple)
+        expected = tuple(batch["input_ids"].shape) if pack is None else tuple(pack["input_ids"].shape)
+        assert forward_shape(seqs, True, hidden, multiple) == expected
+        packed_seen += pack is not None
+        unpacked_seen += pack is None
+    assert packed_seen > 20 and unpacked_seen > 20
+
+
+def test_the_heaviest_forward_runs_first_with_shared_prompts():
+    """Point-wise units 0 and 1 share a 3-token prompt (rows of 8 and 8), units 2 and 3 do not
+    (7 and 7).  Sorted by length the micro-batches of 2 are {2, 3} and {0, 1}.  Unpacked,
+    {0, 1} runs 2 x 8 = 16 positions against 14; packed it runs one row of 3 + 5 + 5 = 13,
+    so {2, 3} (2 x 7) is the heavier forward and goes first."""
+    from ulma.data.tokenize import Sequence, SequenceTable, Units
+    from ulma.loop import batch_weight, epoch_plan
+
+    seqs = [Sequence([1, 2, 3] + [4] * 5, 3), Sequence([1, 2, 3] + [5] * 5, 3),
+            Sequence([6] * 3 + [4] * 4, 3), Sequence([7] * 3 + [4] * 4, 3)]
+    units = Units(SequenceTable(seqs), rows=[(0,), (1,), (2,), (3,)])
+    assert batch_weight(units, [0, 1]) == (16, 16)
+    assert batch_weight(units, [0, 1], packed=True) == (13, 16)
+    for seed in range(6):
+        assert sorted(epoch_plan(units, 2, 1, seed, 0, True)[0]) == [0, 1]
+        assert sorted(epoch_plan(units, 2, 1, seed, 0, True, packed=True)[0]) == [2, 3]
+    # two processes, two units each: the heavier share counts (13 vs 14 positions); as one
+    # forward, widths 13, 7, 7 packed = 3 x 13 = 39 >= 4 x 8: unpacked, 32 positions
+    assert batch_weight(units, [0, 1, 2, 3], world=2, packed=True) == (14, 30)
+    assert batch_weight(units, [0, 1, 2, 3], world=1, packed=True) == (32, 30)

@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 
 import torch
 
-from ulma.data.tokenize import round_up
+from ulma.data.tokenize import packed_shape
 
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, chunk_rows: int = 4):
@@ -318,9 +318,7 @@ def forward_logps(model, batch: dict, *, bf16: bool, need_tokens: bool = False, 
     head = fusable_head(model) if fused else None
     if head is None:
         return _logits_logps(model, batch, bf16, need_tokens)
-    pack = None
-    if share_prompts and _can_share(model):
-        pack = pack_prompts(batch, int(getattr(_config(model), "hidden_size", 0) or 0), multiple)
+    pack = pack_prompts(batch, hidden_size(model), multiple) if packs_prompts(model, fused, share_prompts) else None
     weight = head.weight if head_weight is None else head_weight
     return _fused_logps(model, head, weight, batch, bf16, need_tokens, pack, multiple)
 
@@ -455,6 +453,17 @@ def _config(model):
     return getattr(getattr(model, "module", model), "config", None)  # through DDP / DeepSpeed wrappers
 
 
+def hidden_size(model) -> int:
+    """The model's width (0: unknown), which weighs matrix products against attention."""
+    return int(getattr(_config(model), "hidden_size", 0) or 0)
+
+
+def packs_prompts(model, fused: bool = True, share_prompts: bool = True) -> bool:
+    """Whether :func:`forward_logps` with these settings runs rows that share a prompt as one
+    packed row (:func:`pack_prompts`) for ``model``."""
+    return fused and share_prompts and fusable_head(model) is not None and _can_share(model)
+
+
 def _can_share(model) -> bool:
     """Packed prompts need a custom [B, 1, W, W] attention mask, which Hugging Face models
     take as it is with PyTorch's scaled-dot-product attention (not eager or flash-attn), and
@@ -467,10 +476,9 @@ def pack_prompts(batch: dict, hidden: int = 0, multiple: int = 1) -> dict | None
     """One packed row per distinct prompt of a right-padded batch: [prompt, response_1, ...,
     response_k], each response attending to the prompt and to itself (causally), at the
     positions that continue the prompt.  None when no prompt repeats or packing would not
-    shrink the batch's cost: per row, width x 6 x ``hidden`` for the matrix products (12 h^2
-    multiply-adds a token against attention's 2 x width x h) plus width^2 for attention;
-    ``hidden`` 0 counts tokens only.  Long packed rows make attention's quadratic part grow.
-    The packed width is rounded up to a multiple of ``multiple`` (as :func:`forward_logps`).
+    shrink the batch's cost (:func:`ulma.data.tokenize.packed_shape`, ``hidden`` the model's
+    width).  The packed width is rounded up to a multiple of ``multiple`` (as
+    :func:`forward_logps`).
 
     A row's prompt is its tokens before the first scored one (``loss_mask``).  Returns CPU
     tensors: input_ids / position_ids [P, W], attention_mask [P, 1, W, W] bool (padding
@@ -487,10 +495,11 @@ def pack_prompts(batch: dict, hidden: int = 0, multiple: int = 1) -> dict | None
         return None  # no prompt token to score the first response token from
     length = attn.sum(1)
     groups = _prompt_groups(ids, start.tolist())
-    w = round_up(max(len(k) + sum(int(length[i] - start[i]) for i in g) for k, g in groups.items()), multiple)
-    cost = lambda rows, wide: rows * wide * (6 * hidden + wide if hidden else 1)  # noqa: E731
-    if len(groups) == n_rows or cost(len(groups), w) >= cost(n_rows, width):
+    shape = packed_shape(n_rows, width, [len(k) + sum(int(length[i] - start[i]) for i in g) for k, g in groups.items()],
+                         hidden, multiple)
+    if shape is None:
         return None
+    w = shape[1]
     packed = torch.zeros((len(groups), w), dtype=ids.dtype)
     positions = torch.zeros((len(groups), w), dtype=torch.long)
     mask = torch.zeros((len(groups), w, w), dtype=torch.bool)

@@ -20,6 +20,7 @@ import torch
 
 from ulma import checkpoint as ckpt, tracking
 from ulma.atomic import atomic_write_text
+from ulma.data.tokenize import forward_shape
 from ulma.errors import ConfigError
 
 
@@ -67,17 +68,17 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_length: bool,
-               packed: bool = False) -> list[list[int]]:
+               packed: bool = False, hidden: int = 0, multiple: int = 1) -> list[list[int]]:
     """Global micro-batches (``micro * world`` units each) for one epoch.
 
     Shuffled with a generator seeded by (seed, epoch); with ``group_by_length`` the
     shuffled order is cut into windows of 32 micro-batches that are sorted by length,
     which cuts padding while keeping the order random at the window level, and the
-    heaviest micro-batch (rows x longest row) runs first, as transformers'
-    LengthGroupedSampler does: a run that will not fit in memory fails at its first step,
-    and its first steps show its peak.  ``packed``
-    (shared prompts): a pair's length is its packed width, prompt + both responses, the
-    width of the row it runs as.
+    heaviest micro-batch runs first, as transformers' LengthGroupedSampler does: a run that
+    will not fit in memory fails at its first step, and its first steps show its peak.
+    ``packed``: rows that share a prompt run as one packed row (logprobs.pack_prompts,
+    ``hidden`` the model's width): a pair's length is its packed width, and a micro-batch
+    weighs what its forward runs.  ``multiple``: widths rounded up as batches pad them.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(units), generator=g).tolist()
@@ -90,18 +91,31 @@ def epoch_plan(units, micro: int, world: int, seed: int, epoch: int, group_by_le
     if group_by_length and batches:
         perm = torch.randperm(len(batches), generator=g).tolist()
         batches = [batches[i] for i in perm]
-        heavy = lambda b: (len(b) * max(map(length.get, b)), sum(map(length.get, b)))  # noqa: E731
-        k = max(range(len(batches)), key=lambda j: heavy(batches[j]))
+        k = max(range(len(batches)), key=lambda j: batch_weight(units, batches[j], world, packed, hidden, multiple))
         batches[0], batches[k] = batches[k], batches[0]
     return batches
 
 
+def batch_weight(units, mb: list[int], world: int = 1, packed: bool = False, hidden: int = 0,
+                 multiple: int = 1) -> tuple[int, int]:
+    """What a global micro-batch asks of memory: the most positions (rows x width) one
+    process's forward runs (:func:`ulma.data.tokenize.forward_shape` of its share), then the
+    batch's tokens (ties)."""
+    seqs = units.table.sequences
+    positions = 0
+    for rank in range(world):
+        share = my_share(mb, rank, world)[0]
+        rows, width = forward_shape([seqs[r] for r in units.batch_rows(share)], packed, hidden, multiple)
+        positions = max(positions, rows * width)
+    return positions, sum(len(seqs[r].input_ids) for r in units.batch_rows(mb))
+
+
 def step_plan(units, needed: int, micro: int, world: int, seed: int, group_by_length: bool,
-              packed: bool = False) -> list[list[int]]:
+              packed: bool = False, hidden: int = 0, multiple: int = 1) -> list[list[int]]:
     """The run's first ``needed`` global micro-batches, epoch after epoch (:func:`epoch_plan`)."""
     plan, epoch = [], 0
     while len(plan) < needed:
-        plan += epoch_plan(units, micro, world, seed, epoch, group_by_length, packed)
+        plan += epoch_plan(units, micro, world, seed, epoch, group_by_length, packed, hidden, multiple)
         epoch += 1
     return plan[:needed]
 

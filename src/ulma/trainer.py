@@ -24,7 +24,7 @@ from ulma.config import Config, ConfigError, to_dict, validate
 from ulma.data.prepare import load_split, prepare
 from ulma.data.tokenize import collate
 from ulma.evaluation.metrics import evaluate, table_logps
-from ulma.logprobs import attention_kernels, forward_logps, reduce_logps, use_bf16
+from ulma.logprobs import attention_kernels, forward_logps, hidden_size, packs_prompts, reduce_logps, use_bf16
 from ulma.loop import Loop, NonFiniteLossError, make_optimizer, my_share, set_seed, step_plan, total_steps
 from ulma.losses import group_mean, weighted
 from ulma.methods import DEFAULT_LOOP, LOOPS, METHODS, LossInputs, logp_reduction, loss_inputs
@@ -121,8 +121,10 @@ class Trainer(Loop):
         if self.fsdp:  # FSDP1 wraps the model (FSDP2 shards it in place): pi_ref runs through the wrapper
             self.reference.policy = self.model
         t = cfg.train
+        packed = packs_prompts(self.model, t.fused_logps, t.share_prompts)
         self.plan = step_plan(self.data.train, self.total_steps * t.grad_accum, t.micro_batch_size,
-                              self.acc.num_processes, t.seed, t.group_by_length, packed=t.share_prompts)
+                              self.acc.num_processes, t.seed, t.group_by_length, packed, hidden_size(self.model),
+                              t.pad_to_multiple_of)
 
     def _compile(self) -> None:
         """``train.compile``: each decoder layer of the policy (and of a live reference copy)

@@ -114,6 +114,38 @@ def packed_width(seqs: list[Sequence]) -> int:
     return n + sum(len(s.input_ids) - n for s in seqs)
 
 
+def packed_shape(n_rows: int, width: int, group_widths: list[int], hidden: int = 0,
+                 multiple: int = 1) -> tuple[int, int] | None:
+    """(rows, width) of a batch of ``n_rows`` rows padded to ``width`` when run as one packed
+    row per distinct prompt (``group_widths``: each prompt plus its rows' responses,
+    logprobs.pack_prompts), the width rounded up to ``multiple``; None when packing would
+    not shrink the batch's cost: per row, width x 6 x ``hidden`` for the matrix products
+    (12 h^2 multiply-adds a token against attention's 2 x width x h) plus width^2 for
+    attention; ``hidden`` 0 counts tokens only.  Long packed rows make attention's quadratic
+    part grow."""
+    w = round_up(max(group_widths), multiple)
+    cost = lambda rows, wide: rows * wide * (6 * hidden + wide if hidden else 1)  # noqa: E731
+    if len(group_widths) == n_rows or cost(len(group_widths), w) >= cost(n_rows, width):
+        return None
+    return len(group_widths), w
+
+
+def forward_shape(seqs: list[Sequence], share_prompts: bool = False, hidden: int = 0,
+                  multiple: int = 1) -> tuple[int, int]:
+    """(rows, width) of the forward pass that runs ``seqs`` as one batch: right-padded to the
+    longest (:func:`pad_rows`) or, with ``share_prompts``, packed one row per distinct prompt
+    where logprobs.pack_prompts packs them (every row has a prompt and a response)."""
+    width = round_up(max(len(s.input_ids) for s in seqs), multiple)
+    if share_prompts and all(0 < s.n_prompt < len(s.input_ids) for s in seqs):
+        groups: dict = {}
+        for s in seqs:
+            groups.setdefault(tuple(s.input_ids[: s.n_prompt]), []).append(s)
+        packed = packed_shape(len(seqs), width, [packed_width(g) for g in groups.values()], hidden, multiple)
+        if packed is not None:
+            return packed
+    return len(seqs), width
+
+
 @dataclass
 class SequenceTable:
     """Unique tokenized (prompt, response) sequences plus the statistics of truncation."""
@@ -247,6 +279,11 @@ class Units:
             return longest  # prompts differ: not packed together
         return packed_width(seqs)
 
+    def batch_rows(self, idx: list[int]) -> list[int]:
+        """The table rows of a batch of units ``idx``, in :func:`collate`'s order."""
+        cols = list(zip(*[self.rows[i] for i in idx]))  # one tuple per position in the unit
+        return [r for col in cols for r in col] + [self.kl_rows[i] for i in idx if self.kl_rows]
+
 
 def build_units(
     examples: list[Example], tokenizer: Tokenizer, threshold: float | None = None, table: SequenceTable | None = None
@@ -285,8 +322,7 @@ def collate(units: Units, idx: list[int], pad_id: int, ref: dict | None = None, 
     positive [B] bool, weight [B] float, and ref_sum / ref_count [N] when ``ref`` holds
     precomputed reference sums per table row.
     """
-    cols = list(zip(*[units.rows[i] for i in idx]))  # one tuple per position in the unit
-    rows = [r for col in cols for r in col] + [units.kl_rows[i] for i in idx if units.kl_rows]
+    rows = units.batch_rows(idx)
     batch = pad_rows(units.table, rows, pad_id, multiple)
     batch["labels"] = torch.tensor([units.labels[i] for i in idx], dtype=torch.float32)
     batch["positive"] = torch.tensor([units.positive[i] for i in idx], dtype=torch.bool)
