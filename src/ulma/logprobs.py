@@ -495,8 +495,8 @@ def pack_prompts(batch: dict, hidden: int = 0, multiple: int = 1) -> dict | None
         return None  # no prompt token to score the first response token from
     length = attn.sum(1)
     groups = _prompt_groups(ids, start.tolist())
-    shape = packed_shape(n_rows, width, [len(k) + sum(int(length[i] - start[i]) for i in g) for k, g in groups.items()],
-                         hidden, multiple)
+    widths = [len(k) + sum(int(length[i] - start[i]) for i in g) for k, g in groups.items()]
+    shape = packed_shape(n_rows, width, widths, hidden, multiple)
     if shape is None:
         return None
     w = shape[1]
